@@ -2,7 +2,12 @@ import copy
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForSequenceClassification, RobertaConfig, RobertaForSequenceClassification
+from transformers import (
+    LlamaConfig,
+    LlamaForSequenceClassification,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+)
 
 import fedtt
 from fedtt import AdapterConfig

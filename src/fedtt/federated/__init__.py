@@ -1,0 +1,1 @@
+"""Federated learning components (strategies, client and server apps)."""
