@@ -1,0 +1,100 @@
+"""``fedtt`` command line: run, predict, info."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+EXAMPLES = """examples:
+  fedtt run --config configs/demo.toml --out runs/demo
+  fedtt run --set method=lora --set federation.rounds=5 --out runs/lora
+  fedtt predict --adapter runs/demo/adapter --text "a gripping, beautifully acted film"
+"""
+
+
+def cmd_run(args) -> None:
+    from .config import load_config
+    from .run import run
+
+    config = load_config(args.config, args.set)
+    out = args.out or f"runs/{Path(args.config).stem if args.config else 'run'}"
+    results = run(config, out, overwrite=args.overwrite)
+    final = results.get("final", {})
+    print(f"done: final accuracy {final.get('accuracy', float('nan')):.4f}, best "
+          f"{results['best']['accuracy']:.4f} (round {results['best']['round']}), "
+          f"{results['total_bytes'] / 1e6:.2f} MB communicated, {results['wall_seconds']:.0f} s; outputs in {out}/")
+
+
+def cmd_predict(args) -> None:
+    import torch
+
+    from .adapters import load_adapter, read_adapter_config
+    from .models import load_backbone
+
+    saved = read_adapter_config(args.adapter)
+    labels = saved["label_names"]
+    model, tokenizer = load_backbone(saved["model"], num_labels=len(labels),
+                                     num_hidden_layers=saved.get("num_hidden_layers", 0))
+    load_adapter(model, args.adapter)
+    batch = tokenizer(args.text, padding=True, truncation=True, max_length=saved.get("max_length", 64),
+                      return_tensors="pt")
+    with torch.no_grad():
+        probabilities = model.eval()(**batch).logits.softmax(-1)
+    for text, p in zip(args.text, probabilities):
+        print(f"{labels[int(p.argmax())]}\t{p.max():.3f}\t{text}")
+
+
+def cmd_info(args) -> None:
+    from .data import BUNDLED_TASKS
+    from .models import BUNDLED_MODELS
+
+    print("bundled models (model.name):")
+    for name, description in BUNDLED_MODELS.items():
+        print(f"  {name:16s} {description}")
+    print("bundled tasks (task.name; or a CSV/JSONL/Parquet path, or a hub dataset):")
+    for name, description in BUNDLED_TASKS.items():
+        print(f"  {name:16s} {description}")
+    print("methods: fedtt, fedtt+, lora, ffa-lora")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fedtt", description="Federated fine-tuning with tensor-train adapters.",
+                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="show Flower's and library logs")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("run", help="run one federated experiment")
+    p.add_argument("--config", help="experiment TOML (default: built-in defaults)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. federation.rounds=5 (repeatable)")
+    p.add_argument("--out", help="output directory (default: runs/<config name>)")
+    p.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
+    p.set_defaults(func=cmd_run)
+
+    p = commands.add_parser("predict", help="classify texts with an exported adapter")
+    p.add_argument("--adapter", required=True, help="the adapter/ directory of a run")
+    p.add_argument("--text", required=True, action="append", help="text to classify (repeatable)")
+    p.set_defaults(func=cmd_predict)
+
+    p = commands.add_parser("info", help="list bundled models, tasks and methods")
+    p.set_defaults(func=cmd_info)
+
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if not args.verbose:
+        for noisy in ("flwr", "transformers", "datasets", "httpx"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError) as err:
+        print(f"fedtt: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""The FedTT ServerApp: runs the strategy, evaluates the global adapter every round, writes the run's outputs.
+
+Outputs (``<out>/``): ``results.json`` (rewritten after every round, so a killed run keeps what it did),
+``results.md``, ``curves.png``, ``config.toml`` (the resolved config) and ``adapter/`` (the final global
+adapter, loadable onto the same backbone with ``fedtt.load_adapter`` or ``fedtt predict``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+from tqdm.auto import tqdm
+
+from ..adapters import load_trainable_state_dict, save_adapter
+from ..data import label_histograms
+from ..report import round_summary, write_results
+from ..tt import TTLinear
+from .freezing import FreezingPolicy
+from .strategy import FedTTStrategy
+from .task import OUT_KEY, Experiment, evaluate, experiment
+
+app = ServerApp()
+logger = logging.getLogger("fedtt")
+
+
+class RunRecorder:
+    """Evaluates the global adapter after each round and keeps results.json up to date."""
+
+    def __init__(self, exp: Experiment, strategy: FedTTStrategy, out_dir: Path, engine: str):
+        self.exp, self.strategy, self.out_dir = exp, strategy, out_dir
+        cfg = exp.config
+        histograms = label_histograms(exp.partitions, len(exp.task.label_names))
+        for pid, histogram in enumerate(histograms):
+            logger.info("client %d: %d examples, labels %s", pid, sum(histogram),
+                        dict(zip(exp.task.label_names, histogram)))
+        partition = {"kind": cfg.federation.partition}
+        partition.update({"alpha": cfg.federation.alpha} if cfg.federation.partition == "dirichlet" else {})
+        partition.update({"proportions": cfg.federation.proportions} if cfg.federation.proportions else {})
+        self.results = {
+            "method": cfg.method, "model": cfg.model.name, "task": cfg.task.name, "engine": engine,
+            "seed": cfg.seed, "num_clients": cfg.federation.num_clients, "clients_per_round": cfg.clients_per_round,
+            "partition": partition, "label_names": exp.task.label_names, "client_label_histograms": histograms,
+            "trainable_params": sum(int(t.numel()) for t in exp.initial.values()),
+            "rounds": [], "total_bytes": 0,
+        }
+        self.start = time.time()
+        self.progress = tqdm(total=cfg.federation.rounds, desc="rounds", disable=None)
+
+    def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        load_trainable_state_dict(self.exp.model, arrays.to_torch_state_dict())
+        metrics = evaluate(self.exp, self.exp.eval_set)
+        if server_round == 0:
+            self.results["initial"] = metrics
+            tqdm.write(f"round  0/{self.exp.config.federation.rounds}  acc {metrics['accuracy']:.4f}  "
+                       f"loss {metrics['loss']:.4f}  (before training)")
+        else:
+            stats = self.strategy.rounds[server_round]
+            entry = {"round": server_round, "clients": stats["contributed"], "sampled": stats["clients"],
+                     "train_loss": stats["train_loss"], "eval": metrics,
+                     **{k: stats[k] for k in ("params_up", "params_down", "bytes_up", "bytes_down")},
+                     "trainable_cores": stats["trainable_cores"], "dropped": stats["dropped"]}
+            self.results["rounds"].append(entry)
+            self.results["total_bytes"] += entry["bytes_up"] + entry["bytes_down"]
+            self.progress.update(1)
+            tqdm.write(round_summary(entry, self.exp.config.federation.rounds, self.results["total_bytes"]))
+        self._write_json()
+        return MetricRecord(metrics)
+
+    def _write_json(self) -> None:
+        rounds = self.results["rounds"]
+        if rounds:
+            best = max(rounds, key=lambda r: r["eval"]["accuracy"])
+            self.results["best"] = {"round": best["round"], "accuracy": best["eval"]["accuracy"]}
+            self.results["final"] = dict(rounds[-1]["eval"])
+        self.results["wall_seconds"] = round(time.time() - self.start, 2)
+        tmp = self.out_dir / "results.json.tmp"
+        tmp.write_text(json.dumps(self.results, indent=2))
+        tmp.replace(self.out_dir / "results.json")
+
+    def finish(self, arrays: ArrayRecord) -> None:
+        self.progress.close()
+        cfg = self.exp.config
+        load_trainable_state_dict(self.exp.model, arrays.to_torch_state_dict())
+        save_adapter(self.exp.model, self.out_dir / "adapter", metadata={
+            "model": cfg.model.name, "num_hidden_layers": cfg.model.num_hidden_layers,
+            "max_length": cfg.model.max_length, "task": cfg.task.name, "label_names": self.exp.task.label_names})
+        self._write_json()
+        write_results(self.results, self.out_dir)
+
+
+def num_tt_cores(exp: Experiment) -> int:
+    return next(len(m.shape) for m in exp.model.modules() if isinstance(m, TTLinear))
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    exp = experiment(context.run_config)
+    cfg = exp.config
+    out_dir = Path(str(context.run_config[OUT_KEY]))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    policy = FreezingPolicy(cfg.freezing, num_tt_cores(exp)) if cfg.method == "fedtt+" else None
+    strategy = FedTTStrategy(cfg, exp.model.fedtt_trainable, policy)
+    recorder = RunRecorder(exp, strategy, out_dir, engine=str(context.run_config.get("engine", "inprocess")))
+    initial = ArrayRecord(exp.initial)
+    result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.federation.rounds,
+                            train_config=ConfigRecord(), evaluate_fn=recorder.evaluate)
+    recorder.finish(result.arrays if len(result.arrays) else initial)  # empty: no round was aggregated

@@ -1,0 +1,134 @@
+"""The FedTT server strategy: a Flower ``Strategy`` (Message API) that sends only what is trained.
+
+Per round it samples clients (all of them cross-silo, a seeded sample cross-device), sends the trainable
+tensors plus the round's config, validates every reply before using it, averages each tensor separately
+(every TT core on its own), and counts the parameters and bytes that went down and up.
+
+Bytes are counted as Flower serializes the records of each message (``count_bytes()`` of the ArrayRecord
+and ConfigRecord going down, of the ArrayRecord and MetricRecord coming up: each tensor's ``.npy`` bytes,
+header included, plus key names), summed over clients; transport framing (gRPC / HTTP) is not included.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Iterable
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common import MessageType
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from ..config import Config
+from .freezing import FreezingPolicy, core_index, round_keys
+
+logger = logging.getLogger("fedtt")
+
+
+def check_reply(content: RecordDict, expected: dict[str, tuple[int, ...]]) -> str | None:
+    """Why a client's training reply cannot be aggregated, or None if it can."""
+    if "arrays" not in content.array_records or "metrics" not in content.metric_records:
+        return "reply lacks the 'arrays' or 'metrics' record"
+    arrays, metrics = content["arrays"], content["metrics"]
+    unknown, missing = sorted(set(arrays) - set(expected)), sorted(set(expected) - set(arrays))
+    if unknown or missing:
+        return f"tensors do not match the request: unknown {unknown[:2]}, missing {missing[:2]}"
+    for name, shape in expected.items():
+        array = arrays[name]
+        if tuple(array.shape) != shape or array.dtype != "float32":
+            return f"{name} is {array.dtype}{tuple(array.shape)}, expected float32{shape}"
+        if not np.isfinite(array.numpy()).all():
+            return f"{name} has non-finite values"
+    examples = metrics.get("num-examples")
+    if not isinstance(examples, int) or examples < 1:
+        return f"num-examples is {examples!r}, expected a positive integer"
+    return None
+
+
+class FedTTStrategy(FedAvg):
+    """Example-weighted FedAvg over the trainable tensors, with FedTT+ core freezing when ``policy`` is set."""
+
+    def __init__(self, config: Config, trainable: list[str], policy: FreezingPolicy | None = None):
+        super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_available_nodes=config.federation.num_clients,
+                         min_train_nodes=config.clients_per_round)
+        self.config, self.trainable, self.policy = config, list(trainable), policy
+        self.rng = random.Random(config.seed)
+        self.rounds: dict[int, dict] = {}       # per-round accounting, read by the ServerApp
+        self.global_arrays: ArrayRecord | None = None
+        self.previous_keys: list[str] = []
+
+    def _wait_for_nodes(self, grid: Grid) -> list[int]:
+        while len(nodes := sorted(grid.get_node_ids())) < self.min_available_nodes:
+            logger.info("waiting for clients: %d of %d connected", len(nodes), self.min_available_nodes)
+            time.sleep(1)
+        return nodes
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        nodes = self._wait_for_nodes(grid)
+        sampled = sorted(self.rng.sample(nodes, self.config.clients_per_round))
+        cores = self.policy.trainable_cores(server_round) if self.policy else None
+        keys = round_keys(self.trainable, cores)
+        # Cores trained last round and frozen now still carry last round's aggregate: send them once more.
+        down = [k for k in self.trainable if k in set(keys) | set(self.previous_keys)]
+        self.global_arrays, self.previous_keys = arrays, keys
+        round_config = ConfigRecord({**config, "server-round": server_round})
+        if cores is not None:
+            round_config["trainable-cores"] = cores
+        content = RecordDict({"arrays": ArrayRecord({k: arrays[k] for k in down}), "config": round_config})
+        per_message = content["arrays"].count_bytes() + round_config.count_bytes()
+        self.rounds[server_round] = {
+            "clients": len(sampled), "trainable_cores": cores, "expected": {k: tuple(arrays[k].shape) for k in keys},
+            "params_down": len(sampled) * sum(int(np.prod(arrays[k].shape)) for k in down),
+            "bytes_down": len(sampled) * per_message, "params_up": 0, "bytes_up": 0, "dropped": [],
+        }
+        return [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node) for node in sampled]
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None,
+                                                                                      MetricRecord | None]:
+        stats = self.rounds[server_round]
+        valid = []
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                problem = f"client failed: {reply.error.reason}"
+            else:
+                content = reply.content
+                stats["bytes_up"] += sum(r.count_bytes() for r in content.values())
+                problem = check_reply(content, stats["expected"])
+            if problem:
+                logger.warning("round %d: dropped the reply of node %d: %s", server_round, node, problem)
+                stats["dropped"].append({"node": node, "reason": problem})
+            else:
+                valid.append(reply.content)
+                stats["params_up"] += sum(int(np.prod(shape)) for shape in stats["expected"].values())
+        stats["contributed"] = len(valid)
+        if len(valid) < self.config.federation.min_replies:
+            logger.warning("round %d: %d valid replies < federation.min_replies = %d; the global adapter is kept",
+                           server_round, len(valid), self.config.federation.min_replies)
+            stats["train_loss"] = None
+            return None, None
+        weights = np.array([c["metrics"]["num-examples"] if self.config.federation.weighting == "examples" else 1
+                            for c in valid], dtype=np.float64)
+        weights /= weights.sum()
+        stats["train_loss"] = float(sum(w * c["metrics"]["train_loss"] for w, c in zip(weights, valid)))
+        averaged = {name: sum(w * c["arrays"][name].numpy().astype(np.float64) for w, c in zip(weights, valid))
+                    for name in stats["expected"]}
+        if self.policy is not None:
+            self.policy.observe(self._relative_updates(averaged))
+        merged = {name: self.global_arrays[name] for name in self.global_arrays}
+        merged.update({name: Array(value.astype(np.float32)) for name, value in averaged.items()})
+        return ArrayRecord(merged), MetricRecord({"train_loss": stats["train_loss"]})
+
+    def _relative_updates(self, averaged: dict[str, np.ndarray]) -> dict[int, float]:
+        """``||G_new - G_old|| / ||G_old||`` per core index, over every TT layer."""
+        delta, norm = {}, {}
+        for name, new in averaged.items():
+            if (core := core_index(name)) is not None:
+                old = self.global_arrays[name].numpy().astype(np.float64)
+                delta[core] = delta.get(core, 0.0) + float(((new - old) ** 2).sum())
+                norm[core] = norm.get(core, 0.0) + float((old ** 2).sum())
+        return {c: (delta[c] / norm[c]) ** 0.5 if norm[c] > 0 else float("inf") for c in delta}
