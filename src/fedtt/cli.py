@@ -11,6 +11,7 @@ from pathlib import Path
 EXAMPLES = """examples:
   fedtt run --config configs/demo.toml --out runs/demo
   fedtt run --set method=lora --set federation.rounds=5 --out runs/lora
+  fedtt compare --config configs/demo.toml --quick --out runs/compare
   fedtt predict --adapter runs/demo/adapter --text "a gripping, beautifully acted film"
 """
 
@@ -26,6 +27,16 @@ def cmd_run(args) -> None:
     print(f"done: final accuracy {final.get('accuracy', float('nan')):.4f}, best "
           f"{results['best']['accuracy']:.4f} (round {results['best']['round']}), "
           f"{results['total_bytes'] / 1e6:.2f} MB communicated, {results['wall_seconds']:.0f} s; outputs in {out}/")
+
+
+def cmd_compare(args) -> None:
+    from .compare import compare
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    out = args.out or f"runs/compare-{Path(args.config).stem if args.config else 'default'}"
+    runs = compare(args.config, args.set, methods, out, quick=args.quick, overwrite=args.overwrite)
+    print((Path(out) / "comparison.md").read_text())
+    print(f"{len(runs)} runs; outputs in {out}/ (comparison.md, comparison.csv, comparison.png)")
 
 
 def cmd_predict(args) -> None:
@@ -73,6 +84,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="output directory (default: runs/<config name>)")
     p.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
     p.set_defaults(func=cmd_run)
+
+    from .compare import DEFAULT_METHODS
+
+    p = commands.add_parser("compare", help="run several methods on one config and compare them")
+    p.add_argument("--config", help="experiment TOML shared by every method")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help="comma-separated: fedtt, fedtt+[:fixed|cyclic|adaptive], lora, ffa-lora, centralized "
+                        "(default: %(default)s)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--quick", action="store_true", help="a few-minute profile: 2 layers, 4 short rounds")
+    p.add_argument("--out", help="output directory (default: runs/compare-<config name>)")
+    p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+    p.set_defaults(func=cmd_compare)
 
     p = commands.add_parser("predict", help="classify texts with an exported adapter")
     p.add_argument("--adapter", required=True, help="the adapter/ directory of a run")
