@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/fedtt run --config configs/demo.toml --out runs/demo
+	$(BIN)/fedtt run --config configs/demo.toml --out runs/demo --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests

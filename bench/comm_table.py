@@ -13,8 +13,14 @@ setting (fedtt's default); the "cores only" rows freeze them (adapter.train_bias
 from __future__ import annotations
 
 import torch
-from transformers import (BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForSequenceClassification,
-                          RobertaConfig, RobertaForSequenceClassification)
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    LlamaConfig,
+    LlamaForSequenceClassification,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+)
 
 import fedtt
 from fedtt.federated.freezing import round_keys

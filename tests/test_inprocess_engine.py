@@ -120,7 +120,7 @@ def test_fedavg_converges_deterministic_and_fast():
 
 
 def test_failing_client_is_reported_and_run_finishes(caplog):
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO), caplog.at_level(logging.INFO, logger="flwr"):
         result, calls, _ = run(fail_partition=1)
 
     failed_node = NODE_ID_OFFSET + 1

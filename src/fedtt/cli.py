@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"fedtt: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -62,9 +62,9 @@ class FederationConfig:
 
 @dataclass
 class FreezingConfig:
-    """FedTT+: which TT cores are trainable each round (see docs/fedtt_plus.md)."""
+    """FedTT+: which TT cores are trainable each round (policies and reasoning: federated/freezing.py)."""
     policy: str = "cyclic"
-    cores: list = field(default_factory=list)   # fixed: trainable core indices
+    cores: list = field(default_factory=lambda: [0])  # fixed: trainable core indices
     cores_per_round: int = 1                    # cyclic: how many cores rotate in each round
     period: int = 1                             # cyclic: rounds per step of the rotation
     threshold: float = 0.01                     # adaptive: freeze a core when ||dG|| / ||G|| < threshold

@@ -28,15 +28,23 @@ def prepare_out_dir(out_dir: Path, overwrite: bool) -> Path:
 def run(config: Config, out_dir: str | Path, overwrite: bool = False) -> dict:
     """Run the federation described by ``config``; outputs go to ``out_dir``; returns results.json's content."""
     out_dir = prepare_out_dir(Path(out_dir), overwrite)
-    (out_dir / "config.toml").write_text(config.to_toml())
     random.seed(config.seed)
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
     run_config = {**run_config_for(config, str(out_dir)), "engine": config.federation.engine}
-    if config.federation.engine == "inprocess":
-        logging.getLogger("flwr").setLevel(logging.ERROR)  # our per-round summary replaces Flower's log
-        run_inprocess(server_app, client_app, num_nodes=config.federation.num_clients, run_config=run_config)
-    else:
-        raise NotImplementedError(f"federation.engine = {config.federation.engine!r} is not available yet; "
-                                  "use 'inprocess'")
+    # Our per-round summary replaces Flower's log (client failures are still logged); restored afterwards.
+    quiet = {"flwr": logging.ERROR, "alembic": logging.WARNING}  # alembic: Flower's in-memory LinkState
+    saved = {name: logging.getLogger(name).level for name in quiet}
+    for name, level in quiet.items():
+        logging.getLogger(name).setLevel(level)
+    try:
+        if config.federation.engine == "inprocess":
+            run_inprocess(server_app, client_app, num_nodes=config.federation.num_clients, run_config=run_config)
+        else:  # "flower-sim"
+            from .engines.simulation import run_simulation  # imports Ray only when used
+
+            run_simulation(server_app, client_app, num_nodes=config.federation.num_clients, run_config=run_config)
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
     return json.loads((out_dir / "results.json").read_text())

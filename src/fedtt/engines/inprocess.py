@@ -110,7 +110,8 @@ class InProcessGrid(Grid):
                 logger.error("Dropping message to node %s: %s", msg.metadata.dst_node_id, "; ".join(errors))
             else:
                 accepted.append(msg)
-        for msg in sorted(accepted, key=lambda m: m.metadata.dst_node_id):  # fixed order, whatever order the sampler chose
+        # a fixed order, whatever order the sampler chose
+        for msg in sorted(accepted, key=lambda m: m.metadata.dst_node_id):
             self._replies[msg.metadata.message_id] = self._deliver(msg)
         return [msg.metadata.message_id for msg in accepted]
 

@@ -10,6 +10,7 @@ from .freezing import round_keys
 from .task import experiment, train_local
 
 app = ClientApp()
+SYNCED = "fedtt-synced"  # context.state record: the global tensors this node holds (FedTT+ partial payloads)
 
 
 def client_seed(seed: int, server_round: int, partition_id: int) -> int:
@@ -27,7 +28,12 @@ def train(msg: Message, context: Context) -> Message:
     cores = [int(c) for c in config["trainable-cores"]] if "trainable-cores" in config else None
     keys = round_keys(exp.model.fedtt_trainable, cores)
 
-    load_trainable_state_dict(exp.model, msg.content["arrays"].to_torch_state_dict(), strict=False)
+    received = msg.content["arrays"]
+    if cores is not None:  # FedTT+ sends only what changed: this node keeps its own copy of the global tensors
+        synced = context.state.array_records.get(SYNCED)
+        received = ArrayRecord({**(dict(synced) if synced else {}), **dict(received)})
+        context.state[SYNCED] = received
+    load_trainable_state_dict(exp.model, received.to_torch_state_dict(), strict=False)
     params = dict(exp.model.named_parameters())
     for name in exp.model.fedtt_trainable:  # FedTT+: the round's frozen cores get no gradient
         params[name].requires_grad_(name in keys)

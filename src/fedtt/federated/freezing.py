@@ -9,6 +9,13 @@ that core is exactly averaging the clients' adapters (no "aggregation discordanc
 - ``cyclic``: ``cores_per_round`` consecutive cores, rotating by that many every ``period`` rounds.
 - ``adaptive``: start with every core; after each round freeze the cores whose relative aggregated update
   ``||dG|| / ||G||`` (over all TT layers) fell below ``threshold``; never freeze the last one.
+
+Why these: ``fixed`` with one core is the exact-aggregation case and the smallest payload; ``cyclic`` keeps
+that exactness every round while still moving every core over time (a block-coordinate method over the
+cores); ``adaptive`` follows the paper's wording ("adaptively freezing") with a signal the server already
+has, the size of each core's aggregated update, so clients report nothing extra. Biases, norms and the head
+are not TT cores and are trained every round (additive, so their average is exact too). Frozen cores are
+not sent: the strategy sends a node only what it trains plus what changed since that node last synced.
 """
 
 from __future__ import annotations

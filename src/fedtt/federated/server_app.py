@@ -103,6 +103,7 @@ def main(grid: Grid, context: Context) -> None:
     cfg = exp.config
     out_dir = Path(str(context.run_config[OUT_KEY]))
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.toml").write_text(cfg.to_toml())  # `fedtt run --config <out>/config.toml` repeats the run
     policy = FreezingPolicy(cfg.freezing, num_tt_cores(exp)) if cfg.method == "fedtt+" else None
     strategy = FedTTStrategy(cfg, exp.model.fedtt_trainable, policy)
     recorder = RunRecorder(exp, strategy, out_dir, engine=str(context.run_config.get("engine", "inprocess")))

@@ -58,7 +58,11 @@ class FedTTStrategy(FedAvg):
         self.rng = random.Random(config.seed)
         self.rounds: dict[int, dict] = {}       # per-round accounting, read by the ServerApp
         self.global_arrays: ArrayRecord | None = None
-        self.previous_keys: list[str] = []
+        # Version (round of the last aggregate, 0 = the seeded init every node builds) of each tensor, and the
+        # versions each node holds: a node is sent what it trains plus whatever changed since it last synced.
+        self.version = {k: 0 for k in self.trainable}
+        self.held: dict[int, dict[str, int]] = {}
+        self.sending: dict[int, dict[str, int]] = {}
 
     def _wait_for_nodes(self, grid: Grid) -> list[int]:
         while len(nodes := sorted(grid.get_node_ids())) < self.min_available_nodes:
@@ -72,20 +76,23 @@ class FedTTStrategy(FedAvg):
         sampled = sorted(self.rng.sample(nodes, self.config.clients_per_round))
         cores = self.policy.trainable_cores(server_round) if self.policy else None
         keys = round_keys(self.trainable, cores)
-        # Cores trained last round and frozen now still carry last round's aggregate: send them once more.
-        down = [k for k in self.trainable if k in set(keys) | set(self.previous_keys)]
-        self.global_arrays, self.previous_keys = arrays, keys
+        self.global_arrays = arrays
         round_config = ConfigRecord({**config, "server-round": server_round})
         if cores is not None:
             round_config["trainable-cores"] = cores
-        content = RecordDict({"arrays": ArrayRecord({k: arrays[k] for k in down}), "config": round_config})
-        per_message = content["arrays"].count_bytes() + round_config.count_bytes()
-        self.rounds[server_round] = {
-            "clients": len(sampled), "trainable_cores": cores, "expected": {k: tuple(arrays[k].shape) for k in keys},
-            "params_down": len(sampled) * sum(int(np.prod(arrays[k].shape)) for k in down),
-            "bytes_down": len(sampled) * per_message, "params_up": 0, "bytes_up": 0, "dropped": [],
-        }
-        return [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node) for node in sampled]
+        self.rounds[server_round] = {"clients": len(sampled), "trainable_cores": cores, "params_down": 0,
+                                     "bytes_down": 0, "params_up": 0, "bytes_up": 0, "dropped": [],
+                                     "expected": {k: tuple(arrays[k].shape) for k in keys}}
+        return [self._message(node, set(keys), arrays, round_config, self.rounds[server_round]) for node in sampled]
+
+    def _message(self, node: int, keys: set[str], arrays: ArrayRecord, config: ConfigRecord, stats: dict) -> Message:
+        held = self.held.get(node, {})
+        down = [k for k in self.trainable if k in keys or self.version[k] > held.get(k, 0)]
+        self.sending[node] = {k: self.version[k] for k in down}
+        content = RecordDict({"arrays": ArrayRecord({k: arrays[k] for k in down}), "config": config})
+        stats["params_down"] += sum(int(np.prod(arrays[k].shape)) for k in down)
+        stats["bytes_down"] += content["arrays"].count_bytes() + config.count_bytes()
+        return Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None,
                                                                                       MetricRecord | None]:
@@ -96,6 +103,7 @@ class FedTTStrategy(FedAvg):
             if reply.has_error():
                 problem = f"client failed: {reply.error.reason}"
             else:
+                self.held[node] = {**self.held.get(node, {}), **self.sending.get(node, {})}  # it got them
                 content = reply.content
                 stats["bytes_up"] += sum(r.count_bytes() for r in content.values())
                 problem = check_reply(content, stats["expected"])
@@ -111,6 +119,7 @@ class FedTTStrategy(FedAvg):
                            server_round, len(valid), self.config.federation.min_replies)
             stats["train_loss"] = None
             return None, None
+        valid.sort(key=lambda c: c["metrics"].get("partition-id", 0))  # a fixed summation order on every engine
         weights = np.array([c["metrics"]["num-examples"] if self.config.federation.weighting == "examples" else 1
                             for c in valid], dtype=np.float64)
         weights /= weights.sum()
@@ -119,6 +128,7 @@ class FedTTStrategy(FedAvg):
                     for name in stats["expected"]}
         if self.policy is not None:
             self.policy.observe(self._relative_updates(averaged))
+        self.version.update({name: server_round for name in averaged})
         merged = {name: self.global_arrays[name] for name in self.global_arrays}
         merged.update({name: Array(value.astype(np.float32)) for name, value in averaged.items()})
         return ArrayRecord(merged), MetricRecord({"train_loss": stats["train_loss"]})

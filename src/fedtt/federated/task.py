@@ -8,23 +8,28 @@ each Flower simulation or deployment process builds its own, identical one from 
 from __future__ import annotations
 
 import math
-import tomllib
+import shlex
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import datasets
+import tomllib
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..adapters import inject, trainable_state_dict
-from ..config import Config, config_from_dict
+from ..config import Config, config_from_dict, load_config
 from ..data import TaskData, load_task, partition
 from ..models import load_backbone
 
 CONFIG_KEY = "fedtt-config"   # run_config entry holding the resolved experiment config as TOML
 OUT_KEY = "out-dir"           # run_config entry: where the ServerApp writes its outputs
+FILE_KEY = "config-file"      # else (`flwr run`): an experiment TOML file ...
+OVERRIDES_KEY = "overrides"   # ... and space-separated key=value overrides of it
 EVAL_BATCH_SIZE = 64
 
 
@@ -44,14 +49,25 @@ def run_config_for(config: Config, out_dir: str) -> dict:
 
 
 def config_from_run_config(run_config) -> Config:
-    if CONFIG_KEY not in run_config:
-        raise ValueError(f"run config has no {CONFIG_KEY!r} entry; start runs with `fedtt run`")
-    return config_from_dict(tomllib.loads(str(run_config[CONFIG_KEY])))
+    """The experiment: ``fedtt-config`` (resolved TOML, by ``fedtt run``) or ``config-file`` + ``overrides``.
+
+    ``config-file`` and ``overrides`` (space-separated ``key=value``, as ``fedtt run --set``) come from
+    ``[tool.flwr.app.config]`` / ``flwr run --run-config``. A relative ``config-file`` is looked up in the
+    working directory, then in the directories on ``sys.path`` (``flwr run`` puts the app's there).
+    """
+    if CONFIG_KEY in run_config:
+        return config_from_dict(tomllib.loads(str(run_config[CONFIG_KEY])))
+    if FILE_KEY not in run_config:
+        raise ValueError(f"run config has neither {CONFIG_KEY!r} nor {FILE_KEY!r}; start runs with "
+                         "`fedtt run` or `flwr run .`")
+    path = Path(str(run_config[FILE_KEY]))
+    if not path.is_absolute() and not path.is_file():
+        path = next((Path(base) / path for base in sys.path if base and (Path(base) / path).is_file()), path)
+    return load_config(path, shlex.split(str(run_config.get(OVERRIDES_KEY, ""))))
 
 
 def experiment(run_config) -> Experiment:
-    config_from_run_config(run_config)  # a one-line error for a run config without an experiment
-    return _build_experiment(str(run_config[CONFIG_KEY]))
+    return _build_experiment(config_from_run_config(run_config).to_toml())
 
 
 @lru_cache(maxsize=1)
