@@ -30,7 +30,7 @@ cat > "$doc" <<'MD'
 Every table below was printed by the command above it; `bash bench/results.sh [section ...]` regenerates
 this file. `--quick` runs the full bundled MiniLM (all-MiniLM-L6-v2, 6 layers) for 5 rounds with sequences
 cut at 48 tokens and evaluates on 500 test examples; everything else comes from the named config
-(3 clients, 20 local AdamW steps of batch 16 at lr 3e-3 per round, seed 0). Same data, same splits, same
+(3 clients, 20 local AdamW steps of batch 16 at lr 2e-3 per round, seed 0). Same data, same splits, same
 seed and same local steps for every method. "centralized" is one client holding all the training data,
 trained for 3 x 20 steps per round (the same work per round): the reference ceiling. FedTT+ policies
 (src/fedtt/federated/freezing.py): cyclic trains one TT core per layer per round, rotating; fixed trains
