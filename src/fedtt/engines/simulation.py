@@ -25,6 +25,7 @@ run ends, so no Ray process outlives ``run_simulation``.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import logging
@@ -34,6 +35,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import psutil
 import tomli_w
 from flwr.app import Context, RecordDict
 from flwr.clientapp import ClientApp
@@ -145,4 +147,18 @@ def run_simulation(server_app: ServerApp, client_app: ClientApp, num_nodes: int,
                 app_dir=app_dir, run=run, is_app=True, verbose_logging=False)
         finally:
             if not ray_was_running and ray.is_initialized():
+                ray_processes = psutil.Process().children(recursive=True)  # before shutdown orphans them
                 ray.shutdown()  # raylet, GCS, workers: nothing outlives the run
+                _stop(ray_processes)
+
+
+def _stop(processes: list[psutil.Process]) -> None:
+    """Stop what ``ray.shutdown()`` left running: it returns before every actor has exited (seen under load)."""
+    alive = [p for p in processes if p.is_running()]
+    for process in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.terminate()
+    _, still_alive = psutil.wait_procs(alive, timeout=10)
+    for process in still_alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
