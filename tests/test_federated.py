@@ -140,4 +140,7 @@ def test_check_reply_names_each_problem():
     assert "float64" in check_reply(reply({**good, "b": np.ones(4)}), expected)
     assert "non-finite" in check_reply(reply({**good, "b": np.array([1, np.inf, 0, 0], np.float32)}), expected)
     assert "num-examples is 0" in check_reply(reply(good, examples=0), expected)
+    bad_loss = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in good.items()}),
+                           "metrics": MetricRecord({"train_loss": float("nan"), "num-examples": 3})})
+    assert "train_loss is nan" in check_reply(bad_loss, expected)
     assert "lacks" in check_reply(RecordDict({"arrays": ArrayRecord()}), expected)

@@ -13,6 +13,7 @@ EXAMPLES = """examples:
   fedtt run --set method=lora --set federation.rounds=5 --out runs/lora
   fedtt compare --config configs/demo.toml --quick --out runs/compare
   fedtt predict --adapter runs/demo/adapter --text "a gripping, beautifully acted film"
+  fedtt deploy-local --config configs/demo.toml --nodes 3 --set federation.rounds=2 --out runs/deploy
 """
 
 
@@ -56,6 +57,33 @@ def cmd_predict(args) -> None:
         probabilities = model.eval()(**batch).logits.softmax(-1)
     for text, p in zip(args.text, probabilities):
         print(f"{labels[int(p.argmax())]}\t{p.max():.3f}\t{text}")
+
+
+def cmd_deploy_local(args) -> None:
+    import signal
+
+    from .engines.deployment import DeploymentError, deploy_local
+
+    def stop(signum, frame):  # SIGTERM / SIGHUP: unwind, so every process started is stopped
+        raise SystemExit(128 + signum)
+
+    saved = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        results = deploy_local(args.config, args.set, args.out, nodes=args.nodes, workdir=args.workdir,
+                               data_paths=args.data_path or None, partition_ids=args.partition_ids,
+                               overwrite=args.overwrite, timeout=args.timeout)
+    except DeploymentError as err:  # everything started is already stopped
+        print(f"fedtt: deployment failed: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        print("fedtt: interrupted; every process started was stopped", file=sys.stderr)
+        raise SystemExit(130) from None
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    rounds = results["rounds"]
+    print(f"done: {len(rounds)} rounds, clients per round {[r['clients'] for r in rounds]}, final accuracy "
+          f"{results.get('final', {}).get('accuracy', float('nan')):.4f}; outputs in {args.out}/")
 
 
 def cmd_info(args) -> None:
@@ -102,6 +130,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--adapter", required=True, help="the adapter/ directory of a run")
     p.add_argument("--text", required=True, action="append", help="text to classify (repeatable)")
     p.set_defaults(func=cmd_predict)
+
+    p = commands.add_parser("deploy-local", help="run on Flower's deployment engine on this machine (TLS, "
+                                                 "SuperNode authentication): see docs/deployment.md")
+    p.add_argument("--config", help="experiment TOML")
+    p.add_argument("--nodes", type=int, default=3, help="SuperNodes (sets federation.num_clients; default: 3)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--out", required=True, help="output directory (results.json, adapter/, ...)")
+    p.add_argument("--workdir", help="credentials, logs and FLWR_HOME (default: a new temp directory)")
+    p.add_argument("--data-path", action="append", metavar="FILE",
+                   help="a site's training file, once per node (default: the config's partitions, written to "
+                        "<workdir>/sites/)")
+    p.add_argument("--partition-ids", action="store_true",
+                   help="give nodes partition-id=i num-partitions=N instead of data files")
+    p.add_argument("--timeout", type=float, help="give up after this many seconds (default: no limit)")
+    p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+    p.set_defaults(func=cmd_deploy_local)
 
     p = commands.add_parser("info", help="list bundled models, tasks and methods")
     p.set_defaults(func=cmd_info)

@@ -57,6 +57,8 @@ class FederationConfig:
     min_partition_size: int = 1
     weighting: str = "examples"     # FedAvg weights: "examples" (n_c) or "uniform"
     min_replies: int = 1            # a round is aggregated when at least this many valid replies arrived
+    round_timeout: float = 600.0    # seconds a round waits for replies (Flower engines); the round then
+                                    # goes on with those that arrived
     engine: str = "inprocess"
 
 
@@ -99,6 +101,9 @@ class Config:
         if not 0 <= fed.clients_per_round <= fed.num_clients:
             raise ValueError(f"federation.clients_per_round = {fed.clients_per_round} is not valid; use 0 (all) "
                              f"up to federation.num_clients = {fed.num_clients}")
+        if not fed.round_timeout > 0:
+            raise ValueError(f"federation.round_timeout = {fed.round_timeout} is not valid; use a positive "
+                             "number of seconds")
         if fed.lr <= 0 or fed.alpha <= 0:
             raise ValueError("federation.lr and federation.alpha must be positive")
         if self.method == "fedtt+" and self.clients_per_round < fed.num_clients:

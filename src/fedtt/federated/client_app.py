@@ -2,15 +2,35 @@
 
 from __future__ import annotations
 
+import os
+import zlib
+
+import datasets
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from ..adapters import load_trainable_state_dict
 from .freezing import round_keys
-from .task import experiment, train_local
+from .task import DATA_PATH_KEY, Experiment, experiment, site_dataset, train_local
 
 app = ClientApp()
 SYNCED = "fedtt-synced"  # context.state record: the global tensors this node holds (FedTT+ partial payloads)
+
+
+def local_data(exp: Experiment, node_config) -> tuple[datasets.Dataset, int]:
+    """This node's training set and partition id.
+
+    Deployment: node config ``data-path`` names the site's own file (see ``task.site_dataset``); its optional
+    ``partition-id`` only seeds the node's batches and orders the server's sum (default: a checksum of the
+    path). Otherwise (simulation, in-process, or ``--node-config "partition-id=i num-partitions=n"``): the
+    config's partition ``partition-id`` of the task.
+    """
+    if DATA_PATH_KEY in node_config:
+        path = os.path.expanduser(str(node_config[DATA_PATH_KEY]))  # relative: to the SuperNode's directory
+        partition_id = int(node_config.get("partition-id", zlib.crc32(path.encode()) % 2**31))
+        return site_dataset(exp, path), partition_id
+    partition_id = int(node_config["partition-id"])
+    return exp.partitions[partition_id], partition_id
 
 
 def client_seed(seed: int, server_round: int, partition_id: int) -> int:
@@ -22,7 +42,7 @@ def client_seed(seed: int, server_round: int, partition_id: int) -> int:
 def train(msg: Message, context: Context) -> Message:
     """Load the received tensors, train this round's trainable ones on the local partition, send them back."""
     exp = experiment(context.run_config)
-    partition_id = int(context.node_config["partition-id"])
+    dataset, partition_id = local_data(exp, context.node_config)
     config = msg.content["config"]
     server_round = int(config["server-round"])
     cores = [int(c) for c in config["trainable-cores"]] if "trainable-cores" in config else None
@@ -37,7 +57,6 @@ def train(msg: Message, context: Context) -> Message:
     params = dict(exp.model.named_parameters())
     for name in exp.model.fedtt_trainable:  # FedTT+: the round's frozen cores get no gradient
         params[name].requires_grad_(name in keys)
-    dataset = exp.partitions[partition_id]
     loss = train_local(exp, dataset, seed=client_seed(exp.config.seed, server_round, partition_id),
                        desc=f"round {server_round} client {partition_id}")
 

@@ -109,5 +109,6 @@ def main(grid: Grid, context: Context) -> None:
     recorder = RunRecorder(exp, strategy, out_dir, engine=str(context.run_config.get("engine", "inprocess")))
     initial = ArrayRecord(exp.initial)
     result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.federation.rounds,
-                            train_config=ConfigRecord(), evaluate_fn=recorder.evaluate)
+                            train_config=ConfigRecord(), evaluate_fn=recorder.evaluate,
+                            timeout=cfg.federation.round_timeout)  # then the round goes on with the replies in
     recorder.finish(result.arrays if len(result.arrays) else initial)  # empty: no round was aggregated

@@ -19,6 +19,7 @@ from collections.abc import Iterable
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import MessageType
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -42,9 +43,11 @@ def check_reply(content: RecordDict, expected: dict[str, tuple[int, ...]]) -> st
             return f"{name} is {array.dtype}{tuple(array.shape)}, expected float32{shape}"
         if not np.isfinite(array.numpy()).all():
             return f"{name} has non-finite values"
-    examples = metrics.get("num-examples")
+    examples, loss = metrics.get("num-examples"), metrics.get("train_loss")
     if not isinstance(examples, int) or examples < 1:
         return f"num-examples is {examples!r}, expected a positive integer"
+    if not isinstance(loss, (int, float)) or not np.isfinite(loss):
+        return f"train_loss is {loss!r}, expected a finite number"
     return None
 
 
@@ -63,17 +66,41 @@ class FedTTStrategy(FedAvg):
         self.version = {k: 0 for k in self.trainable}
         self.held: dict[int, dict[str, int]] = {}
         self.sending: dict[int, dict[str, int]] = {}
+        # Resilience (Flower's deployment engine): nodes that vanished (no reply within round_timeout, or reported
+        # offline by the SuperLink) are not waited for again, and each round's messages map replies to nodes.
+        self.lost: set[int] = set()
+        self.sent: dict[int, list[Message]] = {}
 
     def _wait_for_nodes(self, grid: Grid) -> list[int]:
-        while len(nodes := sorted(grid.get_node_ids())) < self.min_available_nodes:
-            logger.info("waiting for clients: %d of %d connected", len(nodes), self.min_available_nodes)
+        """The connected nodes, once every node still expected is connected or ``round_timeout`` has passed.
+
+        Expected: ``num_clients`` nodes, minus those lost in earlier rounds that have not come back. So the first
+        round waits for the federation to connect, and a dead SuperNode does not hold up the rounds after the one
+        it was lost in. After the deadline the round goes ahead with the connected nodes (possibly none: a round
+        with fewer than ``min_replies`` valid replies keeps the global adapter and the run goes on).
+        """
+        timeout = self.config.federation.round_timeout
+        start = time.monotonic()
+        last_log = None
+        while True:
+            nodes = sorted(grid.get_node_ids())
+            expected = self.min_available_nodes - len(self.lost - set(nodes))
+            if len(nodes) >= expected:
+                return nodes
+            waited = time.monotonic() - start
+            if waited >= timeout:
+                logger.warning("%d of %d expected clients connected after %.0f s (federation.round_timeout); going "
+                               "on with them", len(nodes), expected, waited)
+                return nodes
+            if last_log is None or time.monotonic() - last_log >= 10:
+                logger.info("waiting for clients: %d of %d connected", len(nodes), expected)
+                last_log = time.monotonic()
             time.sleep(1)
-        return nodes
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         nodes = self._wait_for_nodes(grid)
-        sampled = sorted(self.rng.sample(nodes, self.config.clients_per_round))
+        sampled = sorted(self.rng.sample(nodes, min(self.config.clients_per_round, len(nodes))))
         cores = self.policy.trainable_cores(server_round) if self.policy else None
         keys = round_keys(self.trainable, cores)
         self.global_arrays = arrays
@@ -83,7 +110,9 @@ class FedTTStrategy(FedAvg):
         self.rounds[server_round] = {"clients": len(sampled), "trainable_cores": cores, "params_down": 0,
                                      "bytes_down": 0, "params_up": 0, "bytes_up": 0, "dropped": [],
                                      "expected": {k: tuple(arrays[k].shape) for k in keys}}
-        return [self._message(node, set(keys), arrays, round_config, self.rounds[server_round]) for node in sampled]
+        messages = [self._message(node, set(keys), arrays, round_config, self.rounds[server_round]) for node in sampled]
+        self.sent[server_round] = messages  # the grid sets their ids when it pushes them
+        return messages
 
     def _message(self, node: int, keys: set[str], arrays: ArrayRecord, config: ConfigRecord, stats: dict) -> Message:
         held = self.held.get(node, {})
@@ -97,11 +126,18 @@ class FedTTStrategy(FedAvg):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None,
                                                                                       MetricRecord | None]:
         stats = self.rounds[server_round]
+        sent = self.sent.pop(server_round, [])
+        # Errors the SuperLink makes (e.g. node unavailable) come from the SuperLink's node id: map by message id.
+        node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in sent if m.metadata.message_id}
+        answered = set()
         valid = []
         for reply in replies:
-            node = reply.metadata.src_node_id
+            node = node_of.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            answered.add(node)
             if reply.has_error():
                 problem = f"client failed: {reply.error.reason}"
+                if reply.error.code == ErrorCode.NODE_UNAVAILABLE:
+                    self.lost.add(node)
             else:
                 self.held[node] = {**self.held.get(node, {}), **self.sending.get(node, {})}  # it got them
                 content = reply.content
@@ -113,6 +149,11 @@ class FedTTStrategy(FedAvg):
             else:
                 valid.append(reply.content)
                 stats["params_up"] += sum(int(np.prod(shape)) for shape in stats["expected"].values())
+        for node in sorted({m.metadata.dst_node_id for m in sent} - answered):  # the round timed out on them
+            problem = f"no reply within federation.round_timeout = {self.config.federation.round_timeout:g} s"
+            logger.warning("round %d: dropped node %d: %s", server_round, node, problem)
+            stats["dropped"].append({"node": node, "reason": problem})
+            self.lost.add(node)
         stats["contributed"] = len(valid)
         if len(valid) < self.config.federation.min_replies:
             logger.warning("round %d: %d valid replies < federation.min_replies = %d; the global adapter is kept",

@@ -30,6 +30,7 @@ CONFIG_KEY = "fedtt-config"   # run_config entry holding the resolved experiment
 OUT_KEY = "out-dir"           # run_config entry: where the ServerApp writes its outputs
 FILE_KEY = "config-file"      # else (`flwr run`): an experiment TOML file ...
 OVERRIDES_KEY = "overrides"   # ... and space-separated key=value overrides of it
+DATA_PATH_KEY = "data-path"   # node_config entry (deployment): this SuperNode's own training file
 EVAL_BATCH_SIZE = 64
 
 
@@ -88,6 +89,36 @@ def _build_experiment(config_toml: str) -> Experiment:
                                      num_hidden_layers=config.model.num_hidden_layers)
     model = inject(model, config.adapter)
     return Experiment(config, data, parts, eval_set, model, tokenizer, trainable_state_dict(model))
+
+
+def site_dataset(exp: Experiment, path: str) -> datasets.Dataset:
+    """A SuperNode's own training data (node config ``data-path``): every row of the file, labels by name.
+
+    The file is read like ``task.name`` (CSV/TSV/JSONL/JSON/Parquet, ``task.text_column`` and
+    ``task.label_column``, texts stripped and de-duplicated) and all of it is used for training: sites do
+    not evaluate, the server evaluates on its own test split. Labels are matched to the experiment's label
+    names by name (the CSV value ``positive`` is the task's label ``positive``, whatever its position), so a
+    site may hold any subset of the task's labels (at least two); a label the task does not have is an error.
+    """
+    return _site_dataset(exp.config.to_toml(), tuple(exp.task.label_names), str(path))
+
+
+@lru_cache(maxsize=2)
+def _site_dataset(config_toml: str, label_names: tuple[str, ...], path: str) -> datasets.Dataset:
+    config = config_from_run_config({CONFIG_KEY: config_toml})
+    t = config.task
+    local = load_task(path, text_column=t.text_column, label_column=t.label_column, seed=config.seed,
+                      validation_fraction=0.0, test_fraction=0.0)
+    index = {name: i for i, name in enumerate(label_names)}
+    unknown = [name for name in local.label_names if name not in index]
+    if unknown:
+        raise ValueError(f"data-path {path}: label(s) {unknown} are not labels of task {t.name!r} "
+                         f"({list(label_names)}); every site must use the task's label names")
+    ids = [index[name] for name in local.label_names]
+    features = datasets.Features({"text": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=list(label_names))})
+    return datasets.Dataset.from_dict({"text": list(local.train["text"]),
+                                       "label": [ids[y] for y in local.train["label"]]}, features=features)
 
 
 def _batches(texts: list[str], labels: list[int], indices: list[int], tokenizer, max_length: int):
