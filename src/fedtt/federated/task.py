@@ -121,7 +121,7 @@ def _site_dataset(config_toml: str, label_names: tuple[str, ...], path: str) -> 
                                        "label": [ids[y] for y in local.train["label"]]}, features=features)
 
 
-def _batches(texts: list[str], labels: list[int], indices: list[int], tokenizer, max_length: int):
+def _tokenize(texts: list[str], labels: list[int], indices: list[int], tokenizer, max_length: int):
     batch = tokenizer([texts[i] for i in indices], padding=True, truncation=True, max_length=max_length,
                       return_tensors="pt")
     return batch, torch.tensor([labels[i] for i in indices])
@@ -155,7 +155,7 @@ def train_local(exp: Experiment, dataset: datasets.Dataset, *, seed: int, desc: 
     model.train()
     losses = []
     for indices in tqdm(batches, desc=desc, leave=False, disable=None):
-        inputs, targets = _batches(texts, labels, indices, exp.tokenizer, cfg.model.max_length)
+        inputs, targets = _tokenize(texts, labels, indices, exp.tokenizer, cfg.model.max_length)
         loss = F.cross_entropy(model(**inputs).logits, targets)
         loss.backward()
         optimizer.step()
@@ -173,7 +173,7 @@ def evaluate(exp: Experiment, dataset: datasets.Dataset) -> dict[str, float]:
     loss_sum, predictions = 0.0, []
     for start in range(0, len(dataset), EVAL_BATCH_SIZE):
         indices = list(range(start, min(start + EVAL_BATCH_SIZE, len(dataset))))
-        inputs, targets = _batches(texts, labels, indices, exp.tokenizer, exp.config.model.max_length)
+        inputs, targets = _tokenize(texts, labels, indices, exp.tokenizer, exp.config.model.max_length)
         logits = model(**inputs).logits.float()
         loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
         predictions += logits.argmax(-1).tolist()
