@@ -32,6 +32,7 @@ import logging
 import os
 import sys
 import tempfile
+import uuid
 import warnings
 from pathlib import Path
 
@@ -42,6 +43,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 
 logger = logging.getLogger(__name__)
+RUN_MARKER = "FEDTT_SIMULATION_RUN"
 
 # Flower's private entry point and the arguments this engine passes to it (checked on every run).
 _FLOWER_ARGS = {"num_supernodes", "exit_event", "client_app", "server_app", "backend_name", "backend_config",
@@ -136,6 +138,7 @@ def run_simulation(server_app: ServerApp, client_app: ClientApp, num_nodes: int,
     server_context = Context(run_id=run.run_id, node_id=SUPERLINK_NODE_ID, node_config={}, state=RecordDict(),
                              run_config=dict(run_config))
     ray_was_running = ray.is_initialized()
+    marker = os.environ[RUN_MARKER] = uuid.uuid4().hex  # inherited by every process Ray starts for this run
     warnings.filterwarnings("ignore", message="Tip: In future versions of Ray", category=FutureWarning)
     with tempfile.TemporaryDirectory(prefix="fedtt-sim-app-") as app_dir:
         write_app_dir(Path(app_dir), run_config)
@@ -147,14 +150,22 @@ def run_simulation(server_app: ServerApp, client_app: ClientApp, num_nodes: int,
                 app_dir=app_dir, run=run, is_app=True, verbose_logging=False)
         finally:
             if not ray_was_running and ray.is_initialized():
-                ray_processes = psutil.Process().children(recursive=True)  # before shutdown orphans them
                 ray.shutdown()  # raylet, GCS, workers: nothing outlives the run
-                _stop(ray_processes)
+            if not ray_was_running:
+                _stop_marked(marker)
+            del os.environ[RUN_MARKER]
 
 
-def _stop(processes: list[psutil.Process]) -> None:
-    """Stop what ``ray.shutdown()`` left running: it returns before every actor has exited (seen under load)."""
-    alive = [p for p in processes if p.is_running()]
+def _stop_marked(marker: str) -> None:
+    """Stop the processes this run started that are still alive: Ray (or Flower, which may shut Ray down
+    itself) returns before every actor has exited, and the orphans are no longer our children (seen under
+    load). They are recognised by the marker they inherited in their environment."""
+    def marked(process: psutil.Process) -> bool:
+        with contextlib.suppress(psutil.Error):
+            return process.pid != os.getpid() and process.environ().get(RUN_MARKER) == marker
+        return False
+
+    alive = [p for p in psutil.process_iter() if marked(p)]
     for process in alive:
         with contextlib.suppress(psutil.NoSuchProcess):
             process.terminate()
