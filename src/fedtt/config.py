@@ -66,10 +66,10 @@ class FederationConfig:
 class FreezingConfig:
     """FedTT+: which TT cores are trainable each round (policies and reasoning: federated/freezing.py)."""
     policy: str = "cyclic"
-    cores: list = field(default_factory=lambda: [0])  # fixed: trainable core indices
+    cores: list = field(default_factory=lambda: [-1])  # fixed: trainable core indices; -1: the zero-init last core
     cores_per_round: int = 1                    # cyclic: how many cores rotate in each round
     period: int = 1                             # cyclic: rounds per step of the rotation
-    threshold: float = 0.01                     # adaptive: freeze a core when ||dG|| / ||G|| < threshold
+    threshold: float = 0.5  # adaptive: freeze a core when its ||dG|| / ||G|| < threshold x the round's largest
 
 
 @dataclass

@@ -107,8 +107,8 @@ class FedTTStrategy(FedAvg):
         round_config = ConfigRecord({**config, "server-round": server_round})
         if cores is not None:
             round_config["trainable-cores"] = cores
-        self.rounds[server_round] = {"clients": len(sampled), "trainable_cores": cores, "params_down": 0,
-                                     "bytes_down": 0, "params_up": 0, "bytes_up": 0, "dropped": [],
+        self.rounds[server_round] = {"clients": len(sampled), "trainable_cores": cores, "core_updates": {},
+                                     "params_down": 0, "bytes_down": 0, "params_up": 0, "bytes_up": 0, "dropped": [],
                                      "expected": {k: tuple(arrays[k].shape) for k in keys}}
         messages = [self._message(node, set(keys), arrays, round_config, self.rounds[server_round]) for node in sampled]
         self.sent[server_round] = messages  # the grid sets their ids when it pushes them
@@ -167,8 +167,11 @@ class FedTTStrategy(FedAvg):
         stats["train_loss"] = float(sum(w * c["metrics"]["train_loss"] for w, c in zip(weights, valid)))
         averaged = {name: sum(w * c["arrays"][name].numpy().astype(np.float64) for w, c in zip(weights, valid))
                     for name in stats["expected"]}
+        relative = self._relative_updates(averaged)
+        # the adaptive policy's signal, kept for every TT run so a threshold can be chosen from a past run
+        stats["core_updates"] = {str(c): (round(v, 6) if np.isfinite(v) else None) for c, v in sorted(relative.items())}
         if self.policy is not None:
-            self.policy.observe(self._relative_updates(averaged))
+            self.policy.observe(relative)
         self.version.update({name: server_round for name in averaged})
         merged = {name: self.global_arrays[name] for name in self.global_arrays}
         merged.update({name: Array(value.astype(np.float32)) for name, value in averaged.items()})
