@@ -213,7 +213,7 @@ def test_dev_credentials_are_what_flower_expects(tmp_path):
 def test_a_site_file_is_read_with_the_task_label_names(tmp_path):
     import datasets
 
-    from fedtt.federated.client_app import local_data
+    from fedtt.federated.client_app import local_data, partition_id_of
     from fedtt.federated.task import site_dataset
 
     class Exp:  # what site_dataset and local_data read of an experiment
@@ -238,10 +238,11 @@ def test_a_site_file_is_read_with_the_task_label_names(tmp_path):
     with pytest.raises(ValueError, match=r"\['neutral'\] are not labels of task"):
         site_dataset(Exp, str(unknown))
 
-    dataset, pid = local_data(Exp, {"data-path": str(site), "partition-id": 5})
-    assert (len(dataset), pid) == (3, 5)
-    assert local_data(Exp, {"data-path": str(site)})[1] == local_data(Exp, {"data-path": str(site)})[1]
-    assert local_data(Exp, {"partition-id": 1, "num-partitions": 2}) == ("partition 1", 1)
+    assert len(local_data(Exp, {"data-path": str(site), "partition-id": 5})) == 3
+    assert partition_id_of({"data-path": str(site), "partition-id": 5}) == 5
+    assert partition_id_of({"data-path": str(site)}) == partition_id_of({"data-path": str(site)})  # path checksum
+    assert partition_id_of({"data-path": str(site)}) != partition_id_of({"data-path": str(unknown)})
+    assert local_data(Exp, {"partition-id": 1, "num-partitions": 2}) == "partition 1"
 
 
 class FakeGrid:

@@ -78,9 +78,15 @@ def no_ray_left(monkeypatch):
     shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-def test_flower_sim_matches_inprocess(tmp_path, no_ray_left):
-    inprocess = run(load_config(None, TINY), tmp_path / "inprocess")
-    sim = run(load_config(None, TINY + ["federation.engine=flower-sim"]), tmp_path / "sim")
+CROSS_DEVICE = ["federation.num_clients=6", "federation.clients_per_round=2"]
+
+
+@pytest.mark.parametrize("federation", [[], CROSS_DEVICE], ids=["cross-silo", "cross-device"])
+def test_flower_sim_matches_inprocess(tmp_path, no_ray_left, federation):
+    """Cross-device too: the server samples partitions, so Flower's random node ids do not change who trains."""
+    inprocess = run(load_config(None, TINY + federation), tmp_path / "inprocess")
+    sim = run(load_config(None, TINY + federation + ["federation.engine=flower-sim"]), tmp_path / "sim")
+    per_round = 2 if federation else 3
 
     assert (inprocess["engine"], sim["engine"]) == ("inprocess", "flower-sim")
     for key in ("trainable_params", "client_label_histograms", "num_clients", "clients_per_round",
@@ -90,10 +96,10 @@ def test_flower_sim_matches_inprocess(tmp_path, no_ray_left):
         assert sim["initial"][key] == pytest.approx(inprocess["initial"][key], abs=TOL), key
     assert len(sim["rounds"]) == len(inprocess["rounds"]) == 2
     for a, b in zip(inprocess["rounds"], sim["rounds"], strict=True):
-        for key in ("round", "clients", "sampled", "params_up", "params_down", "bytes_up", "bytes_down",
-                    "trainable_cores", "dropped"):
+        for key in ("round", "clients", "sampled", "partitions", "params_up", "params_down", "bytes_up",
+                    "bytes_down", "trainable_cores", "dropped"):
             assert b[key] == a[key], (a["round"], key)
-        assert b["clients"] == 3 and not b["dropped"]
+        assert b["clients"] == per_round and len(set(b["partitions"])) == per_round and not b["dropped"]
         assert b["train_loss"] == pytest.approx(a["train_loss"], abs=TOL)
         for key in ("accuracy", "loss", "macro_f1"):
             assert b["eval"][key] == pytest.approx(a["eval"][key], abs=TOL), (a["round"], key)

@@ -82,7 +82,12 @@ def test_cross_device_200_clients_10_per_round(tmp_path):
                               "federation.partition=iid", "federation.local_steps=2"), tmp_path)
     per_client = results["trainable_params"]
     assert [r["clients"] for r in results["rounds"]] == [10, 10]
+    assert all(len(set(r["partitions"])) == 10 and set(r["partitions"]) <= set(range(200)) for r in results["rounds"])
+    assert results["rounds"][0]["partitions"] != results["rounds"][1]["partitions"]
     assert all(r["params_up"] == 10 * per_client for r in results["rounds"])
+    # round 1 also asked each of the 200 nodes once for its partition id (counted: an empty request, an int back)
+    assert results["rounds"][0]["bytes_down"] == results["rounds"][1]["bytes_down"]
+    assert results["rounds"][0]["bytes_up"] - results["rounds"][1]["bytes_up"] >= 200 * len("partition-id")
     assert results["clients_per_round"] == 10 and len(results["client_label_histograms"]) == 200
 
 

@@ -17,20 +17,28 @@ app = ClientApp()
 SYNCED = "fedtt-synced"  # context.state record: the global tensors this node holds (FedTT+ partial payloads)
 
 
-def local_data(exp: Experiment, node_config) -> tuple[datasets.Dataset, int]:
-    """This node's training set and partition id.
+def site_path(node_config) -> str | None:
+    """Deployment: the site's own data file (node config ``data-path``, relative to the SuperNode's directory)."""
+    return os.path.expanduser(str(node_config[DATA_PATH_KEY])) if DATA_PATH_KEY in node_config else None
 
-    Deployment: node config ``data-path`` names the site's own file (see ``task.site_dataset``); its optional
-    ``partition-id`` only seeds the node's batches and orders the server's sum (default: a checksum of the
-    path). Otherwise (simulation, in-process, or ``--node-config "partition-id=i num-partitions=n"``): the
-    config's partition ``partition-id`` of the task.
+
+def partition_id_of(node_config) -> int:
+    """The node's ``partition-id``; a site with its own file may omit it (default: a checksum of the path).
+
+    It seeds the node's batches, orders the server's sum and is what the server samples, so a seed picks the
+    same clients on every engine (Flower's node ids are random).
     """
-    if DATA_PATH_KEY in node_config:
-        path = os.path.expanduser(str(node_config[DATA_PATH_KEY]))  # relative: to the SuperNode's directory
-        partition_id = int(node_config.get("partition-id", zlib.crc32(path.encode()) % 2**31))
-        return site_dataset(exp, path), partition_id
-    partition_id = int(node_config["partition-id"])
-    return exp.partitions[partition_id], partition_id
+    path = site_path(node_config)
+    if path is not None and "partition-id" not in node_config:
+        return zlib.crc32(path.encode()) % 2**31
+    return int(node_config["partition-id"])
+
+
+def local_data(exp: Experiment, node_config) -> datasets.Dataset:
+    """This node's training set: the site's file in deployment (see ``task.site_dataset``), otherwise
+    (simulation, in-process, or ``--node-config "partition-id=i num-partitions=n"``) the config's partition."""
+    path = site_path(node_config)
+    return site_dataset(exp, path) if path is not None else exp.partitions[partition_id_of(node_config)]
 
 
 def client_seed(seed: int, server_round: int, partition_id: int) -> int:
@@ -42,7 +50,7 @@ def client_seed(seed: int, server_round: int, partition_id: int) -> int:
 def train(msg: Message, context: Context) -> Message:
     """Load the received tensors, train this round's trainable ones on the local partition, send them back."""
     exp = experiment(context.run_config)
-    dataset, partition_id = local_data(exp, context.node_config)
+    dataset, partition_id = local_data(exp, context.node_config), partition_id_of(context.node_config)
     config = msg.content["config"]
     server_round = int(config["server-round"])
     cores = [int(c) for c in config["trainable-cores"]] if "trainable-cores" in config else None
@@ -63,3 +71,10 @@ def train(msg: Message, context: Context) -> Message:
     arrays = ArrayRecord({name: params[name].detach() for name in keys})
     metrics = MetricRecord({"train_loss": loss, "num-examples": len(dataset), "partition-id": partition_id})
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Which partition this node holds: the server samples partitions, not node ids."""
+    return Message(RecordDict({"metrics": MetricRecord({"partition-id": partition_id_of(context.node_config)})}),
+                   reply_to=msg)

@@ -63,7 +63,7 @@ class RunRecorder:
             entry = {"round": server_round, "clients": stats["contributed"], "sampled": stats["clients"],
                      "train_loss": stats["train_loss"], "eval": metrics,
                      **{k: stats[k] for k in ("params_up", "params_down", "bytes_up", "bytes_down")},
-                     **{k: stats[k] for k in ("trainable_cores", "core_updates", "dropped")}}
+                     **{k: stats[k] for k in ("partitions", "trainable_cores", "core_updates", "dropped")}}
             self.results["rounds"].append(entry)
             self.results["total_bytes"] += entry["bytes_up"] + entry["bytes_down"]
             self.progress.update(1)

@@ -1,6 +1,6 @@
 """The FedTT server strategy: a Flower ``Strategy`` (Message API) that sends only what is trained.
 
-Per round it samples clients (all of them cross-silo, a seeded sample cross-device), sends the trainable
+Per round it samples clients (all of them cross-silo, a seeded sample of partitions cross-device), sends the trainable
 tensors plus the round's config, validates every reply before using it, averages each tensor separately
 (every TT core on its own), and counts the parameters and bytes that went down and up.
 
@@ -69,6 +69,7 @@ class FedTTStrategy(FedAvg):
         # Resilience (Flower's deployment engine): nodes that vanished (no reply within round_timeout, or reported
         # offline by the SuperLink) are not waited for again, and each round's messages map replies to nodes.
         self.lost: set[int] = set()
+        self.partition_of: dict[int, int] = {}  # node id -> partition id (cross-device sampling)
         self.sent: dict[int, list[Message]] = {}
 
     def _wait_for_nodes(self, grid: Grid) -> list[int]:
@@ -100,19 +101,45 @@ class FedTTStrategy(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         nodes = self._wait_for_nodes(grid)
-        sampled = sorted(self.rng.sample(nodes, min(self.config.clients_per_round, len(nodes))))
+        query_bytes = (0, 0)
+        if self.config.clients_per_round < len(nodes):
+            partitions, query_bytes = self._partitions(grid, nodes)
+            node_of = {partition: node for node, partition in partitions.items()}
+            chosen = self.rng.sample(sorted(node_of), min(self.config.clients_per_round, len(node_of)))
+            sampled = sorted(node_of[partition] for partition in chosen)
+        else:
+            sampled = nodes
         cores = self.policy.trainable_cores(server_round) if self.policy else None
         keys = round_keys(self.trainable, cores)
         self.global_arrays = arrays
         round_config = ConfigRecord({**config, "server-round": server_round})
         if cores is not None:
             round_config["trainable-cores"] = cores
-        self.rounds[server_round] = {"clients": len(sampled), "trainable_cores": cores, "core_updates": {},
-                                     "params_down": 0, "bytes_down": 0, "params_up": 0, "bytes_up": 0, "dropped": [],
+        self.rounds[server_round] = {"clients": len(sampled), "partitions": [], "trainable_cores": cores,
+                                     "core_updates": {},
+                                     "params_down": 0, "bytes_down": query_bytes[0], "params_up": 0,
+                                     "bytes_up": query_bytes[1], "dropped": [],
                                      "expected": {k: tuple(arrays[k].shape) for k in keys}}
         messages = [self._message(node, set(keys), arrays, round_config, self.rounds[server_round]) for node in sampled]
         self.sent[server_round] = messages  # the grid sets their ids when it pushes them
         return messages
+
+    def _partitions(self, grid: Grid, nodes: list[int]) -> tuple[dict[int, int], tuple[int, int]]:
+        """Each node's partition id, asked once per node, and the bytes (down, up) that asking took.
+
+        Sampling partitions picks the same clients for a seed on every engine (Flower's simulation and
+        deployment give nodes random ids)."""
+        unknown = [node for node in nodes if node not in self.partition_of]
+        down = up = 0
+        if unknown:
+            asks = [Message(RecordDict({"config": ConfigRecord()}), message_type=MessageType.QUERY, dst_node_id=node)
+                    for node in unknown]
+            down = sum(ask.content["config"].count_bytes() for ask in asks)
+            for reply in grid.send_and_receive(asks, timeout=self.config.federation.round_timeout):
+                if not reply.has_error() and "metrics" in reply.content.metric_records:
+                    up += reply.content["metrics"].count_bytes()
+                    self.partition_of[reply.metadata.src_node_id] = int(reply.content["metrics"]["partition-id"])
+        return {node: self.partition_of[node] for node in nodes if node in self.partition_of}, (down, up)
 
     def _message(self, node: int, keys: set[str], arrays: ArrayRecord, config: ConfigRecord, stats: dict) -> Message:
         held = self.held.get(node, {})
@@ -161,6 +188,7 @@ class FedTTStrategy(FedAvg):
             stats["train_loss"] = None
             return None, None
         valid.sort(key=lambda c: c["metrics"].get("partition-id", 0))  # a fixed summation order on every engine
+        stats["partitions"] = [c["metrics"].get("partition-id") for c in valid]
         weights = np.array([c["metrics"]["num-examples"] if self.config.federation.weighting == "examples" else 1
                             for c in valid], dtype=np.float64)
         weights /= weights.sum()
