@@ -11,6 +11,7 @@ from pathlib import Path
 EXAMPLES = """examples:
   fedtt run --config configs/demo.toml --out runs/demo
   fedtt run --set method=lora --set federation.rounds=5 --out runs/lora
+  fedtt run --out runs/demo --resume                      # continue a killed run
   fedtt compare --config configs/demo.toml --quick --out runs/compare
   fedtt predict --adapter runs/demo/adapter --text "a gripping, beautifully acted film"
   fedtt deploy-local --config configs/demo.toml --nodes 3 --set federation.rounds=2 --out runs/deploy
@@ -21,9 +22,10 @@ def cmd_run(args) -> None:
     from .config import load_config
     from .run import run
 
-    config = load_config(args.config, args.set)
     out = args.out or f"runs/{Path(args.config).stem if args.config else 'run'}"
-    results = run(config, out, overwrite=args.overwrite)
+    base = args.config or (Path(out) / "config.toml" if args.resume else None)  # resume: the run's own config
+    config = load_config(base, args.set)
+    results = run(config, out, overwrite=args.overwrite, resume=args.resume)
     final = results.get("final", {})
     print(f"done: final accuracy {final.get('accuracy', float('nan')):.4f}, best "
           f"{results['best']['accuracy']:.4f} (round {results['best']['round']}), "
@@ -111,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="override a config key, e.g. federation.rounds=5 (repeatable)")
     p.add_argument("--out", help="output directory (default: runs/<config name>)")
     p.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out after its last finished round (its config.toml unless --config; "
+                        "--set federation.rounds=N extends a finished run)")
     p.set_defaults(func=cmd_run)
 
     from .compare import DEFAULT_METHODS
@@ -121,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated: fedtt, fedtt+[:fixed|cyclic|adaptive], lora, ffa-lora, centralized "
                         "(default: %(default)s)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    p.add_argument("--quick", action="store_true", help="a few-minute profile: 2 layers, 4 short rounds")
+    p.add_argument("--quick", action="store_true",
+                   help="a few-minute-per-method profile: 5 rounds, 48-token sequences, 500 test examples")
     p.add_argument("--out", help="output directory (default: runs/compare-<config name>)")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     p.set_defaults(func=cmd_compare)

@@ -12,6 +12,8 @@ import torch
 
 from .config import Config
 from .engines.inprocess import run_inprocess
+from .federated.checkpoint import FILE as CHECKPOINT
+from .federated.checkpoint import check_resumable, read_checkpoint
 from .federated.client_app import app as client_app
 from .federated.server_app import app as server_app
 from .federated.task import run_config_for
@@ -19,19 +21,27 @@ from .federated.task import run_config_for
 
 def prepare_out_dir(out_dir: Path, overwrite: bool) -> Path:
     if (out_dir / "results.json").exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} already holds a run (results.json); choose another --out or pass "
-                              "--overwrite")
+        raise FileExistsError(f"{out_dir} already holds a run (results.json); choose another --out, pass "
+                              "--overwrite to replace it or --resume to continue it")
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / CHECKPOINT).unlink(missing_ok=True)  # a new run must not be resumed from an old one's state
     return out_dir
 
 
-def run(config: Config, out_dir: str | Path, overwrite: bool = False) -> dict:
-    """Run the federation described by ``config``; outputs go to ``out_dir``; returns results.json's content."""
-    out_dir = prepare_out_dir(Path(out_dir), overwrite)
+def run(config: Config, out_dir: str | Path, overwrite: bool = False, resume: bool = False) -> dict:
+    """Run the federation described by ``config``; outputs go to ``out_dir``; returns results.json's content.
+
+    ``resume``: continue the run in ``out_dir`` from its last finished round (its config, bar the number of
+    rounds and the engine, must be ``config``)."""
+    if resume:
+        out_dir = Path(out_dir)
+        check_resumable(read_checkpoint(out_dir), config, out_dir)
+    else:
+        out_dir = prepare_out_dir(Path(out_dir), overwrite)
     random.seed(config.seed)
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
-    run_config = {**run_config_for(config, str(out_dir)), "engine": config.federation.engine}
+    run_config = {**run_config_for(config, str(out_dir), resume), "engine": config.federation.engine}
     # Our per-round summary replaces Flower's log (client failures are still logged); restored afterwards.
     quiet = {"flwr": logging.ERROR, "alembic": logging.WARNING}  # alembic: Flower's in-memory LinkState
     saved = {name: logging.getLogger(name).level for name in quiet}

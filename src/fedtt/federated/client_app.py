@@ -57,9 +57,9 @@ def train(msg: Message, context: Context) -> Message:
     keys = round_keys(exp.model.fedtt_trainable, cores)
 
     received = msg.content["arrays"]
-    if cores is not None:  # FedTT+ sends only what changed: this node keeps its own copy of the global tensors
-        synced = context.state.array_records.get(SYNCED)
-        received = ArrayRecord({**(dict(synced) if synced else {}), **dict(received)})
+    if cores is not None:  # FedTT+ sends only what changed since this node last synced (never: the seeded init)
+        synced = context.state.array_records.get(SYNCED) or ArrayRecord(exp.initial)
+        received = ArrayRecord({**dict(synced), **dict(received)})
         context.state[SYNCED] = received
     load_trainable_state_dict(exp.model, received.to_torch_state_dict(), strict=False)
     params = dict(exp.model.named_parameters())

@@ -1,8 +1,9 @@
 """The FedTT ServerApp: runs the strategy, evaluates the global adapter every round, writes the run's outputs.
 
-Outputs (``<out>/``): ``results.json`` (rewritten after every round, so a killed run keeps what it did),
-``results.md``, ``curves.png``, ``config.toml`` (the resolved config) and ``adapter/`` (the final global
-adapter, loadable onto the same backbone with ``fedtt.load_adapter`` or ``fedtt predict``).
+Outputs (``<out>/``): ``results.json`` (rewritten after every round), ``checkpoint.safetensors`` (after every
+round: a killed run continues with ``fedtt run --resume``), ``results.md``, ``curves.png``, ``config.toml``
+(the resolved config) and ``adapter/`` (the final global adapter, loadable onto the same backbone with
+``fedtt.load_adapter`` or ``fedtt predict``).
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from ..adapters import load_trainable_state_dict, save_adapter
 from ..data import label_histograms
 from ..report import round_summary, write_results
 from ..tt import TTLinear
+from .checkpoint import Checkpoint, check_resumable, read_checkpoint, save_checkpoint
 from .freezing import FreezingPolicy
 from .strategy import FedTTStrategy
-from .task import OUT_KEY, Experiment, evaluate, experiment
+from .task import OUT_KEY, RESUME_KEY, Experiment, evaluate, experiment
 
 app = ServerApp()
 logger = logging.getLogger("fedtt")
@@ -51,7 +53,16 @@ class RunRecorder:
         self.start = time.time()
         self.progress = tqdm(total=cfg.federation.rounds, desc="rounds", disable=None)
 
+    def resume(self, checkpoint: Checkpoint) -> None:
+        self.results = checkpoint.results
+        self.start = time.time() - self.results["wall_seconds"]
+        self.progress.update(checkpoint.round)
+        logger.info("resuming after round %d of %d", checkpoint.round, self.exp.config.federation.rounds)
+
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        server_round += self.strategy.resumed_from
+        if server_round == self.strategy.resumed_from > 0:  # the checkpoint's round: evaluated before the stop
+            return MetricRecord(self.results["rounds"][-1]["eval"])
         load_trainable_state_dict(self.exp.model, arrays.to_torch_state_dict())
         metrics = evaluate(self.exp, self.exp.eval_set)
         if server_round == 0:
@@ -68,6 +79,10 @@ class RunRecorder:
             self.results["total_bytes"] += entry["bytes_up"] + entry["bytes_down"]
             self.progress.update(1)
             tqdm.write(round_summary(entry, self.exp.config.federation.rounds, self.results["total_bytes"]))
+            self._write_json()
+            save_checkpoint(self.out_dir, server_round, arrays, self.strategy.state_dict(), self.results,
+                            self.exp.config)
+            return MetricRecord(metrics)
         self._write_json()
         return MetricRecord(metrics)
 
@@ -108,7 +123,13 @@ def main(grid: Grid, context: Context) -> None:
     strategy = FedTTStrategy(cfg, exp.model.fedtt_trainable, policy)
     recorder = RunRecorder(exp, strategy, out_dir, engine=str(context.run_config.get("engine", "inprocess")))
     initial = ArrayRecord(exp.initial)
-    result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.federation.rounds,
+    if context.run_config.get(RESUME_KEY, False):
+        checkpoint = read_checkpoint(out_dir)
+        check_resumable(checkpoint, cfg, out_dir)
+        initial = checkpoint.arrays
+        strategy.load_state_dict(checkpoint.strategy, completed_rounds=checkpoint.round)
+        recorder.resume(checkpoint)
+    result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.federation.rounds - strategy.resumed_from,
                             train_config=ConfigRecord(), evaluate_fn=recorder.evaluate,
                             timeout=cfg.federation.round_timeout)  # then the round goes on with the replies in
     recorder.finish(result.arrays if len(result.arrays) else initial)  # empty: no round was aggregated

@@ -69,8 +69,22 @@ class FedTTStrategy(FedAvg):
         # Resilience (Flower's deployment engine): nodes that vanished (no reply within round_timeout, or reported
         # offline by the SuperLink) are not waited for again, and each round's messages map replies to nodes.
         self.lost: set[int] = set()
-        self.partition_of: dict[int, int] = {}  # node id -> partition id (cross-device sampling)
         self.sent: dict[int, list[Message]] = {}
+        self.partition_of: dict[int, int] = {}  # node id -> partition id (cross-device sampling)
+        self.resumed_from = 0  # rounds done before this process (a resumed run): Flower counts rounds from 1
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs to continue exactly: the sampler, the tensor versions, the FedTT+ policy."""
+        return {"rng": self.rng.getstate(), "version": self.version,
+                "active_cores": self.policy.active if self.policy else None}
+
+    def load_state_dict(self, state: dict, completed_rounds: int) -> None:
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self.version = {name: int(v) for name, v in state["version"].items()}
+        if self.policy is not None:
+            self.policy.active = list(state["active_cores"])
+        self.resumed_from = completed_rounds
 
     def _wait_for_nodes(self, grid: Grid) -> list[int]:
         """The connected nodes, once every node still expected is connected or ``round_timeout`` has passed.
@@ -100,6 +114,7 @@ class FedTTStrategy(FedAvg):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        server_round += self.resumed_from
         nodes = self._wait_for_nodes(grid)
         query_bytes = (0, 0)
         if self.config.clients_per_round < len(nodes):
@@ -152,6 +167,7 @@ class FedTTStrategy(FedAvg):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None,
                                                                                       MetricRecord | None]:
+        server_round += self.resumed_from
         stats = self.rounds[server_round]
         sent = self.sent.pop(server_round, [])
         # Errors the SuperLink makes (e.g. node unavailable) come from the SuperLink's node id: map by message id.

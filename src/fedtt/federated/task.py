@@ -30,6 +30,7 @@ CONFIG_KEY = "fedtt-config"   # run_config entry holding the resolved experiment
 OUT_KEY = "out-dir"           # run_config entry: where the ServerApp writes its outputs
 FILE_KEY = "config-file"      # else (`flwr run`): an experiment TOML file ...
 OVERRIDES_KEY = "overrides"   # ... and space-separated key=value overrides of it
+RESUME_KEY = "resume"         # true: continue the run in out-dir from its checkpoint
 DATA_PATH_KEY = "data-path"   # node_config entry (deployment): this SuperNode's own training file
 EVAL_BATCH_SIZE = 64
 
@@ -45,8 +46,8 @@ class Experiment:
     initial: dict[str, torch.Tensor]   # the seeded initial adapter: runs sharing a cached backbone start here
 
 
-def run_config_for(config: Config, out_dir: str) -> dict:
-    return {CONFIG_KEY: config.to_toml(), OUT_KEY: out_dir}
+def run_config_for(config: Config, out_dir: str, resume: bool = False) -> dict:
+    return {CONFIG_KEY: config.to_toml(), OUT_KEY: out_dir, RESUME_KEY: resume}
 
 
 def config_from_run_config(run_config) -> Config:

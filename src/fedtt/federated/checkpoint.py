@@ -1,0 +1,87 @@
+"""Checkpoints: after every round the server writes ``<out>/checkpoint.safetensors`` so a killed run resumes.
+
+One file, replaced atomically: the global trainable tensors, and in its metadata the round, the strategy's
+state (sampler, tensor versions, FedTT+ policy) and results.json's content. Clients keep no state between
+rounds that a resumed run needs (they rebuild the seeded initial adapter and are sent what changed since), so
+``fedtt run --resume`` continues exactly where the run stopped: same seed, same rounds, same numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+from flwr.app import Array, ArrayRecord
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import load_file, save_file
+
+from ..config import Config
+
+FILE = "checkpoint.safetensors"
+# What may change on resume: how many rounds in all (to extend a run), and how it is executed.
+MAY_CHANGE = {"federation.rounds", "federation.engine", "federation.round_timeout"}
+
+
+class Checkpoint(NamedTuple):
+    round: int
+    arrays: ArrayRecord
+    strategy: dict
+    results: dict
+    config: dict
+
+
+def save_checkpoint(out_dir: Path, server_round: int, arrays: ArrayRecord, strategy: dict, results: dict,
+                    config: Config) -> None:
+    state = {"round": server_round, "strategy": strategy, "results": results, "config": _as_json(config)}
+    tmp = out_dir / (FILE + ".tmp")
+    save_file({name: arrays[name].numpy() for name in arrays}, tmp, metadata={"fedtt": json.dumps(state)})
+    tmp.replace(out_dir / FILE)
+
+
+def read_checkpoint(out_dir: str | Path) -> Checkpoint:
+    path = Path(out_dir) / FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"cannot resume {out_dir}: no {FILE} there (no round of that run finished); "
+                                "start it again with --overwrite")
+    try:
+        with safe_open(path, framework="np") as f:
+            state = json.loads(f.metadata()["fedtt"])
+        tensors = load_file(path)
+    except (SafetensorError, KeyError, ValueError) as err:
+        raise ValueError(f"cannot resume {out_dir}: {path} is damaged ({err}); start the run again with "
+                         "--overwrite") from None
+    arrays = ArrayRecord({name: Array(np.ascontiguousarray(t)) for name, t in sorted(tensors.items())})
+    return Checkpoint(state["round"], arrays, state["strategy"], state["results"], state["config"])
+
+
+def check_resumable(checkpoint: Checkpoint, config: Config, out_dir: str | Path) -> None:
+    """One-line errors for a resume that could not continue the same run."""
+    old, new = _flat(checkpoint.config), _flat(_as_json(config))
+    changed = [key for key in sorted(old.keys() | new.keys()) if key not in MAY_CHANGE and old.get(key) != new.get(key)]
+    if changed:
+        key = changed[0]
+        raise ValueError(f"cannot resume {out_dir}: the config changed in {key} ({old.get(key)!r} -> "
+                         f"{new.get(key)!r}); only {', '.join(sorted(MAY_CHANGE))} may change (omit --config to "
+                         "reuse the run's config.toml)")
+    if checkpoint.round >= config.federation.rounds:
+        raise ValueError(f"cannot resume {out_dir}: it already finished {checkpoint.round} of "
+                         f"{config.federation.rounds} rounds; pass --set federation.rounds=N with N > "
+                         f"{checkpoint.round} to train more")
+
+
+def _as_json(config: Config) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
