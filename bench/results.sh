@@ -9,6 +9,8 @@ ALL=fedtt,fedtt+:cyclic,fedtt+:fixed,fedtt+:adaptive,lora,ffa-lora,centralized
 declare -A TITLE ARGS
 TITLE[rt-dir0.5]="Rotten Tomatoes, 3 clients, Dirichlet alpha = 0.5"
 ARGS[rt-dir0.5]="--config configs/demo.toml --methods $ALL"
+TITLE[rt-dir0.5-long]="Rotten Tomatoes, 3 clients, Dirichlet alpha = 0.5, 15 rounds"
+ARGS[rt-dir0.5-long]="--config configs/demo.toml --methods fedtt,fedtt+:adaptive,fedtt+:cyclic,lora,ffa-lora --set federation.rounds=15"
 TITLE[rt-dir0.1]="Rotten Tomatoes, 3 clients, Dirichlet alpha = 0.1"
 ARGS[rt-dir0.1]="--config configs/demo.toml --methods $ALL --set federation.alpha=0.1"
 TITLE[rt-iid]="Rotten Tomatoes, 3 clients, IID"
@@ -19,7 +21,7 @@ TITLE[trec-dir0.5]="TREC (6 classes), 3 clients, Dirichlet alpha = 0.5"
 ARGS[trec-dir0.5]="--config configs/demo.toml --methods $ALL --set task.name=trec"
 TITLE[rt-xdev]="Cross-device: Rotten Tomatoes, 100 clients, 10 per round, Dirichlet alpha = 1.0"
 ARGS[rt-xdev]="--config configs/cross_device.toml --methods fedtt,lora,ffa-lora --set federation.num_clients=100 --set federation.rounds=10"
-ORDER=(rt-dir0.5 rt-dir0.1 rt-iid rt-skew trec-dir0.5 rt-xdev)
+ORDER=(rt-dir0.5 rt-dir0.5-long rt-dir0.1 rt-iid rt-skew trec-dir0.5 rt-xdev)
 # --doc-only: rebuild docs/results.md from the sections already run (several sections can run at once in
 # separate invocations, e.g. with OMP_NUM_THREADS=1 each; the last one to finish writes the complete file).
 if [[ "${1:-}" == --doc-only ]]; then sections=(); else sections=("${@:-${ORDER[@]}}"); fi
