@@ -41,7 +41,7 @@ awk -v m="$MARKER" '{print} $0 == m {found = 1; exit} END {exit !found}' docs/re
 for s in "${ORDER[@]}"; do
   [[ -f "$OUT/$s/comparison.md" ]] || continue
   printf '\n## %s\n\n```\nfedtt compare --quick --out %s %s\n```\n\n' "${TITLE[$s]}" "$OUT/$s" "${ARGS[$s]}" >> "$doc"
-  tail -n +2 "$OUT/$s/comparison.md" >> "$doc"  # its own title line is the section heading above
+  tail -n +3 "$OUT/$s/comparison.md" >> "$doc"  # from its table: the section heading above replaces its title
 done
 printf '\n## Communication at paper scale (meta device, no weights)\n\n```\npython bench/comm_table.py\n```\n\n' >> "$doc"
 .venv/bin/python bench/comm_table.py >> "$doc"
