@@ -22,8 +22,8 @@ ARGS[trec-dir0.5]="--config configs/demo.toml --methods $ALL --set task.name=tre
 TITLE[rt-xdev]="Cross-device: Rotten Tomatoes, 100 clients, 10 per round, Dirichlet alpha = 1.0"
 ARGS[rt-xdev]="--config configs/cross_device.toml --methods fedtt,lora,ffa-lora --set federation.num_clients=100 --set federation.rounds=10"
 ORDER=(rt-dir0.5 rt-dir0.5-long rt-dir0.1 rt-iid rt-skew trec-dir0.5 rt-xdev)
-# --doc-only: rebuild docs/results.md from the sections already run (several sections can run at once in
-# separate invocations, e.g. with OMP_NUM_THREADS=1 each; the last one to finish writes the complete file).
+# --doc-only: rebuild docs/results.md from the sections already run. Run sections one at a time: two torch
+# jobs on 2 cores are several times slower than one after the other (even with OMP_NUM_THREADS=1 each).
 if [[ "${1:-}" == --doc-only ]]; then sections=(); else sections=("${@:-${ORDER[@]}}"); fi
 mkdir -p "$OUT"
 for s in "${sections[@]}"; do

@@ -22,10 +22,10 @@ that exactness every round while still moving every core over time (a block-coor
 cores); ``adaptive`` follows the paper's wording ("adaptively freezing") with a signal the server already
 has, the size of each core's aggregated update, so clients report nothing extra. The threshold is relative to
 the round's largest update because with Adam the absolute size hardly decays: it is about lr x steps / |G|
-(MiniLM, lr 2e-3, 20 steps: 1-3% per round in every round; results.json records it as ``core_updates``), so an
-absolute threshold either freezes a core at once or never. Biases, norms and the head
-are not TT cores and are trained every round (additive, so their average is exact too). Frozen cores are
-not sent: the strategy sends a node only what it trains plus what changed since that node last synced.
+(MiniLM, lr 2e-3, 20 steps: 1-4% per round in every round; results.json records it as ``core_updates``), so an
+absolute threshold either freezes a core at once or never. Biases, norms and the head are not TT cores and are
+trained every round (additive, so their average is exact too). Frozen cores are not sent: the strategy sends a
+node only what it trains plus what changed since that node last synced.
 """
 
 from __future__ import annotations

@@ -79,11 +79,10 @@ class RunRecorder:
             self.results["total_bytes"] += entry["bytes_up"] + entry["bytes_down"]
             self.progress.update(1)
             tqdm.write(round_summary(entry, self.exp.config.federation.rounds, self.results["total_bytes"]))
-            self._write_json()
+        self._write_json()
+        if server_round > 0:
             save_checkpoint(self.out_dir, server_round, arrays, self.strategy.state_dict(), self.results,
                             self.exp.config)
-            return MetricRecord(metrics)
-        self._write_json()
         return MetricRecord(metrics)
 
     def _write_json(self) -> None:

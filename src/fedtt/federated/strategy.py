@@ -1,8 +1,8 @@
 """The FedTT server strategy: a Flower ``Strategy`` (Message API) that sends only what is trained.
 
-Per round it samples clients (all of them cross-silo, a seeded sample of partitions cross-device), sends the trainable
-tensors plus the round's config, validates every reply before using it, averages each tensor separately
-(every TT core on its own), and counts the parameters and bytes that went down and up.
+Per round it samples clients (all of them cross-silo, a seeded sample of partitions cross-device), sends the
+trainable tensors plus the round's config, validates every reply before using it, averages each tensor
+separately (every TT core on its own), and counts the parameters and bytes that went down and up.
 
 Bytes are counted as Flower serializes the records of each message (``count_bytes()`` of the ArrayRecord
 and ConfigRecord going down, of the ArrayRecord and MetricRecord coming up: each tensor's ``.npy`` bytes,
@@ -131,9 +131,8 @@ class FedTTStrategy(FedAvg):
         if cores is not None:
             round_config["trainable-cores"] = cores
         self.rounds[server_round] = {"clients": len(sampled), "partitions": [], "trainable_cores": cores,
-                                     "core_updates": {},
-                                     "params_down": 0, "bytes_down": query_bytes[0], "params_up": 0,
-                                     "bytes_up": query_bytes[1], "dropped": [],
+                                     "core_updates": {}, "params_down": 0, "bytes_down": query_bytes[0],
+                                     "params_up": 0, "bytes_up": query_bytes[1], "dropped": [],
                                      "expected": {k: tuple(arrays[k].shape) for k in keys}}
         messages = [self._message(node, set(keys), arrays, round_config, self.rounds[server_round]) for node in sampled]
         self.sent[server_round] = messages  # the grid sets their ids when it pushes them
