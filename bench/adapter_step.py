@@ -1,97 +1,113 @@
-"""Training-step time and trainable-parameter count: TT adapter (FedTT) vs LoRA vs FFA-LoRA on MiniLM.
+"""Training-step time, peak memory and trainable parameters: TT adapter (FedTT) vs LoRA vs FFA-LoRA.
 
-One run loads the bundled MiniLM (real weights) once, deep-copies it three times (same seeded
-classification head), injects one adapter method into each copy and times a full local training step
-(forward + backward + AdamW step) on the same batch of real Rotten Tomatoes sentences. The methods are
-interleaved step by step (TT, LoRA, FFA-LoRA, TT, LoRA, ...) so that machine noise (other processes,
-frequency changes) hits all three alike; the step times are summarised by median and IQR.
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/adapter_step.py [--model minilm|smollm2] [--layers N] [--steps 12]
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/adapter_step.py [--steps 12 --warmup 3 --batch-size 32 ...]
-
-Prints a Markdown report (command line, settings, table, ratios) to stdout.
+Timing: one process loads the bundled backbone (real weights) once, deep-copies it per method (same seeded
+head), injects each method's default adapter and times a full local step (forward + backward + AdamW) on
+the same real batch, built and scored by fedtt's own training code (MiniLM: Rotten Tomatoes classification;
+SmolLM2: templated TREC instructions, loss on the response). The methods run round-robin (TT, LoRA, FFA-LoRA,
+TT, ...) after warm-up, so machine noise hits all three alike; medians and IQRs are reported.
+Memory: for each method a child process loads the backbone alone and runs the same steps while a thread samples
+its resident memory; it reports the peak during training above the resident memory just before (the training
+working set: activations, gradients, optimizer state), so neither loading nor the other methods mix in. The
+children run one after another.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import gc
+import json
 import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
+import threading
 import time
 
+import psutil
 import torch
 import transformers
 
 import fedtt
 from fedtt import AdapterConfig
 from fedtt.data import load_task
+from fedtt.federated.batches import batch, encode_classification, encode_instruction
+from fedtt.federated.evaluation import losses
 from fedtt.models import load_backbone
 
-# (label, config): the library defaults for each method, spelled out so the table says what was run.
-METHODS = [
-    ("TT adapter (fedtt)", AdapterConfig(method="fedtt", rank=5)),
-    ("LoRA", AdapterConfig(method="lora", rank=8)),
-    ("FFA-LoRA", AdapterConfig(method="ffa-lora", rank=8)),
-]
+METHODS = [("TT adapter (fedtt)", "fedtt"), ("LoRA", "lora"), ("FFA-LoRA", "ffa-lora")]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", choices=("minilm", "smollm2"), default="minilm")
     p.add_argument("--steps", type=int, default=12, help="timed steps per method (default 12)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per method first (default 3)")
-    p.add_argument("--batch-size", type=int, default=32, help="sentences per step (default 32)")
-    p.add_argument("--max-length", type=int, default=64, help="tokens per sentence, padded (default 64)")
-    p.add_argument("--layers", type=int, default=0, help="MiniLM layers to keep; 0 = all 6 (default 0)")
-    p.add_argument("--seed", type=int, default=0, help="head and adapter init seed (default 0)")
+    p.add_argument("--batch-size", type=int, default=0, help="examples per step (default: 32 MiniLM, 8 SmolLM2)")
+    p.add_argument("--max-length", type=int, default=64, help="tokens per example (default 64)")
+    p.add_argument("--layers", type=int, default=0, help="pretrained layers to keep; 0 = all (default 0)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--memory-child", metavar="METHOD", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    for key in ("steps", "batch_size", "max_length"):
-        if getattr(args, key) < 1:
-            p.error(f"--{key.replace('_', '-')} must be >= 1")
-    if args.warmup < 0 or args.layers < 0:
-        p.error("--warmup and --layers must be >= 0")
+    args.batch_size = args.batch_size or (32 if args.model == "minilm" else 8)
     return args
 
 
 def command_line() -> str:
-    """The command as invoked (interpreter included), with HF_HUB_OFFLINE if it was set."""
     argv = getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv]
     env = f"HF_HUB_OFFLINE={os.environ['HF_HUB_OFFLINE']} " if "HF_HUB_OFFLINE" in os.environ else ""
     return env + shlex.join(argv)
 
 
-def build(backbone: torch.nn.Module, config: AdapterConfig, seed: int):
-    """A deep copy of ``backbone`` with ``config``'s adapters, its optimizer and its parameter counts."""
+def setup(args):
+    """The backbone, one real batch in fedtt's format, the task kind and a description of the batch."""
+    decoder = args.model == "smollm2"
+    backbone, tokenizer = load_backbone(args.model, num_labels=2, num_hidden_layers=args.layers, causal_lm=decoder,
+                                        seed=args.seed)
+    if decoder:
+        train = load_task("trec", kind="instruction").train.select(range(args.batch_size))
+        data = encode_instruction(train["prompt"], train["response"], train["label"], tokenizer, args.max_length)
+        what = f"templated TREC instructions train[:{args.batch_size}], loss on the response"
+    else:
+        train = load_task("rotten_tomatoes").train.select(range(args.batch_size))
+        data = encode_classification(train["text"], train["label"], tokenizer, args.max_length)
+        what = f"rotten_tomatoes train[:{args.batch_size}]"
+    inputs, targets = batch(data, range(args.batch_size), torch.device("cpu"))
+    tokens = int(inputs["attention_mask"].sum())
+    return backbone, (inputs, targets), "instruction" if decoder else "classification", f"{what}, {tokens} tokens"
+
+
+def build(backbone, method: str, seed: int):
     model = copy.deepcopy(backbone)
     before = {id(p) for p in model.parameters()}
-    config = copy.deepcopy(config)
-    config.seed = seed
-    fedtt.inject(model, config)
+    fedtt.inject(model, AdapterConfig(method=method, seed=seed))
     model.train()  # dropout on, as in local training
     params = [p for p in model.parameters() if p.requires_grad]
-    counts = {
-        "tensors": len(params),
-        "trainable": sum(p.numel() for p in params),
-        "adapter": sum(p.numel() for p in params if id(p) not in before),  # the rest: head (+ norms for TT)
-        # what a client uploads each round: exactly the trainable tensors
-        "communicated": sum(t.numel() for t in fedtt.trainable_state_dict(model).values()),
-    }
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
-    return model, optimizer, params, counts
+    counts = {"tensors": len(params), "trainable": sum(p.numel() for p in params),
+              "adapter": sum(p.numel() for p in params if id(p) not in before)}
+    return model, torch.optim.AdamW(params, lr=1e-4), params, counts
 
 
-def train_step(model, optimizer, batch: dict, labels: torch.Tensor) -> tuple[float, float]:
-    """Wall and process-CPU seconds of one forward + backward + AdamW step (gradients are cleared before
-    the clocks start). CPU / wall is the number of cores the step actually got: about the torch thread
-    count on an idle machine, less when other processes compete for the cores."""
+def train_step(model, optimizer, kind: str, data) -> tuple[float, float]:
+    """Wall and process-CPU seconds of one forward + backward + AdamW step. CPU / wall is the cores it got."""
     optimizer.zero_grad(set_to_none=True)
     wall, cpu = time.perf_counter(), time.process_time()
-    loss = model(**batch, labels=labels).loss
-    loss.backward()
+    losses(kind, model, *data).mean().backward()
     optimizer.step()
     return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def peak_memory(args, method: str) -> float:
+    """Training working set (MB) of a child process that loads the backbone and runs the steps with ``method``."""
+    argv = [sys.executable, __file__, "--memory-child", method, "--model", args.model, "--layers", str(args.layers),
+            "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
+            "--max-length", str(args.max_length)]
+    done = subprocess.run(argv, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_mb"]
 
 
 def quartiles(xs: list[float]) -> tuple[float, float, float]:
@@ -103,89 +119,70 @@ def quartiles(xs: list[float]) -> tuple[float, float, float]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    torch.manual_seed(args.seed)  # the classification head is drawn from the global RNG at load time
-    backbone, tokenizer = load_backbone("minilm", num_labels=2, num_hidden_layers=args.layers)
-    n_layers = backbone.config.num_hidden_layers
+    backbone, data, kind, described = setup(args)
+    if args.memory_child:
+        model, optimizer, _, _ = build(backbone, args.memory_child, args.seed)
+        del backbone
+        gc.collect()
+        process, peak, done = psutil.Process(), [0], threading.Event()
+        before = process.memory_info().rss
 
-    train = load_task("rotten_tomatoes").train
-    if len(train) < args.batch_size:
-        raise SystemExit(f"--batch-size {args.batch_size} > {len(train)} training sentences")
-    rows = train.select(range(args.batch_size))
-    batch = dict(tokenizer(list(rows["text"]), padding="max_length", truncation=True,
-                           max_length=args.max_length, return_tensors="pt"))
-    labels = torch.tensor(list(rows["label"]))
-    real_tokens = int(batch["attention_mask"].sum())
+        def sample():
+            while not done.is_set():
+                peak[0] = max(peak[0], process.memory_info().rss)
+                time.sleep(0.005)
 
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        for _ in range(args.warmup + args.steps):
+            train_step(model, optimizer, kind, data)
+        done.set()
+        sampler.join()
+        print(json.dumps({"peak_rss_mb": (max(peak[0], process.memory_info().rss) - before) / 2**20}))
+        return
+    layers = backbone.config.num_hidden_layers
     runs = []
-    for label, config in METHODS:
-        model, optimizer, params, counts = build(backbone, config, args.seed)
-        runs.append({"label": label, "config": config, "model": model, "opt": optimizer, "params": params,
+    for label, method in METHODS:
+        model, optimizer, params, counts = build(backbone, method, args.seed)
+        runs.append({"label": label, "method": method, "model": model, "opt": optimizer, "params": params,
                      "counts": counts, "times": [], "cores": []})
     del backbone
-
     load_before = os.getloadavg()[0]
-    # Round-robin: every round runs each method once, so slow phases of the machine are shared.
-    for step in range(args.warmup + args.steps):
+    for step in range(args.warmup + args.steps):  # round-robin: slow phases of the machine are shared
         for run in runs:
-            seconds, cpu_seconds = train_step(run["model"], run["opt"], batch, labels)
-            if step == 0:  # sanity: the backward reached every trainable tensor
-                missing = [i for i, p in enumerate(run["params"]) if p.grad is None]
-                if missing:
-                    raise RuntimeError(f"{run['label']}: {len(missing)} trainable tensors got no gradient")
+            seconds, cpu_seconds = train_step(run["model"], run["opt"], kind, data)
+            if step == 0 and any(p.grad is None for p in run["params"]):
+                raise RuntimeError(f"{run['label']}: a trainable tensor got no gradient")
             if step >= args.warmup:
                 run["times"].append(seconds)
                 run["cores"].append(cpu_seconds / seconds)
     load_after = os.getloadavg()[0]
-
-    tt, lora, ffa = runs
     for run in runs:
+        run["model"] = run["opt"] = None
         run["q"] = quartiles([t * 1e3 for t in run["times"]])
-
-    def med(run):
-        return run["q"][1]
-
-    def n(run):
-        return run["counts"]["trainable"]
-
-    out = [
-        "Command:",
-        "",
-        "```",
-        command_line(),
-        "```",
-        "",
-        f"Settings: MiniLM (all-MiniLM-L6-v2, {n_layers} layers, hidden {tt['model'].config.hidden_size}), "
-        f"batch {args.batch_size} x {args.max_length} tokens (rotten_tomatoes train[:{args.batch_size}], "
-        f"{real_tokens} non-pad tokens), {args.warmup} warm-up + {args.steps} timed steps per method, "
-        f"round-robin; AdamW; seed {args.seed}; torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, "
-        f"Python {platform.python_version()}, {os.cpu_count()} CPUs; 1-min load average "
-        f"{load_before:.2f} before / {load_after:.2f} after the timed loop.",
-        "",
-        "| method | rank | trainable params | of which adapter | trainable tensors | communicated / round | "
-        "step median (ms) | IQR (ms) [Q1-Q3] | CPU / wall |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
-    ]
+        run["peak"] = peak_memory(args, run["method"])
+    tt, lora, ffa = runs
+    out = ["Command:", "", "```", command_line(), "```", "",
+           f"Settings: {args.model} ({layers} layers), batch {args.batch_size} x <= {args.max_length} tokens "
+           f"({described}), {args.warmup} warm-up + {args.steps} timed steps per method, round-robin; AdamW; "
+           f"seed {args.seed}; torch {torch.__version__} ({torch.get_num_threads()} threads), transformers "
+           f"{transformers.__version__}, Python {platform.python_version()}, {os.cpu_count()} CPUs; 1-min load "
+           f"average {load_before:.2f} before / {load_after:.2f} after the timed loop.", "",
+           "| method | trainable params | of which adapter | trainable tensors | step median (ms) | IQR (ms) "
+           "[Q1-Q3] | CPU / wall | training memory (MB) |", "|---|--:|--:|--:|--:|--:|--:|--:|"]
     for run in runs:
         c, (q1, q2, q3) = run["counts"], run["q"]
-        out.append(f"| {run['label']} | {run['config'].rank} | {c['trainable']:,} | {c['adapter']:,} | "
-                   f"{c['tensors']} | {c['communicated']:,} | {q2:.1f} | {q3 - q1:.1f} [{q1:.1f}-{q3:.1f}] | "
-                   f"{statistics.median(run['cores']):.2f} |")
-    out += [
-        "",
-        "| ratio | value |",
-        "|---|--:|",
-        f"| step time TT / LoRA (medians) | {med(tt) / med(lora):.2f} |",
-        f"| step time TT / FFA-LoRA (medians) | {med(tt) / med(ffa):.2f} |",
-        f"| trainable params LoRA / TT | {n(lora) / n(tt):.2f} |",
-        f"| trainable params FFA-LoRA / TT | {n(ffa) / n(tt):.2f} |",
-        "",
-        "Trainable = communicated: each round a client sends exactly the trainable tensors. Non-adapter "
-        "trainable params are the classification head (all methods) plus the LayerNorm weights and biases "
-        "(TT adapter only, AdapterConfig.train_norms default). CPU / wall: median over the timed steps of "
-        "process CPU time / wall time, i.e. the cores a step got (well below the torch thread count means "
-        "other processes were competing for the CPU).",
-    ]
+        out.append(f"| {run['label']} | {c['trainable']:,} | {c['adapter']:,} | {c['tensors']} | {q2:.1f} | "
+                   f"{q3 - q1:.1f} [{q1:.1f}-{q3:.1f}] | {statistics.median(run['cores']):.2f} | {run['peak']:.0f} |")
+    out += ["", "| ratio | value |", "|---|--:|",
+            f"| step time TT / LoRA (medians) | {tt['q'][1] / lora['q'][1]:.2f} |",
+            f"| step time TT / FFA-LoRA (medians) | {tt['q'][1] / ffa['q'][1]:.2f} |",
+            f"| training memory TT / LoRA | {tt['peak'] / lora['peak']:.2f} |",
+            f"| trainable params LoRA / TT | {lora['counts']['trainable'] / tt['counts']['trainable']:.2f} |",
+            f"| trainable params FFA-LoRA / TT | {ffa['counts']['trainable'] / tt['counts']['trainable']:.2f} |",
+            "", "Each method at its defaults (fedtt.defaults): TT rank 5 with biases, LoRA / FFA-LoRA r = 8 on the "
+            "family's attention projections; norms frozen for all; the task head (MiniLM) trained by all. CPU / wall "
+            "well below the thread count means other processes competed for the cores."]
     print("\n".join(out))
 
 

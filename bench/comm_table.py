@@ -2,15 +2,19 @@
 
     python bench/comm_table.py
 
-Per client and round, "up" is what a client sends, "down" what it receives. FedTT+ trains one core per TT
-layer per round (cyclic policy): up = that core (+ biases, norms); down additionally carries the core
-trained last round once more (its aggregate), so steady-state down = two cores' worth. LoRA / FFA-LoRA
-send everything they train both ways. The task head is excluded (it is the same for every method) and
-LayerNorm/RMSNorm weights and adapter biases are trained and sent by the TT methods in LoRETTA's published
-setting (fedtt's default); the "cores only" rows freeze them (adapter.train_biases / train_norms = false).
+Per client and round, "up" is what a client sends, "down" what it receives; the task head (a 2-class
+classifier) is trained and sent by every method. Methods run with fedtt's defaults (``fedtt.defaults``; the TT
+adapter's LoRETTA shapes, rank 5) unless the row says otherwise. FedTT+ is counted for its default policy in
+the steady state of a cross-silo federation: a round trains the policy's groups (up), and a node receives them
+plus what changed in the round before (down). A policy whose choice depends on the data (adaptive) is shown by
+its bounds: the smallest and the largest round it can produce; a fixed rotation (cyclic) by its mean over one
+cycle and its largest round. RoBERTa-large's dense head (``classifier.dense``, 1,024 x 1,024) is counted as
+trained; with ``adapter.head = "tensorized"`` it stays frozen and a TT layer beside it trains instead.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 from transformers import (
@@ -23,7 +27,8 @@ from transformers import (
 )
 
 import fedtt
-from fedtt.federated.freezing import round_keys
+from fedtt.config import FreezingConfig, load_config
+from fedtt.federated.freezing import FreezingPolicy, factor_groups, num_cores, round_keys
 
 GEOMETRIES = {
     "BERT-base": (BertForSequenceClassification, BertConfig(num_labels=2)),
@@ -34,37 +39,79 @@ GEOMETRIES = {
     "LLaMA-2-13B": (LlamaForSequenceClassification, LlamaConfig(
         hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40, vocab_size=32000)),
 }
-CORES_ONLY = {"train_biases": False, "train_norms": False}
-METHODS = [("FedTT (r=5): cores + biases + norms", "fedtt", {}),
-           ("FedTT+ 1 core/round: + biases + norms", "fedtt+", {}),
-           ("FedTT (r=5): cores only", "fedtt", CORES_ONLY),
-           ("FedTT+ 1 core/round: cores only", "fedtt+", CORES_ONLY),
-           ("LoRA q,v (r=8)", "lora", {}), ("FFA-LoRA q,v (r=8)", "ffa-lora", {})]
 
 
-def counts(cls, geometry, method: str, options: dict) -> tuple[int, int, int]:
+def model_with(cls, geometry, method: str, **options):
     with torch.device("meta"):
         model = cls(geometry)
-    adapter_method = "fedtt" if method == "fedtt+" else method
-    fedtt.inject(model, fedtt.AdapterConfig(method=adapter_method, train_head=False, **options))
-    sizes = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
-    trainable = sum(sizes.values())
-    if method != "fedtt+":
-        return trainable, trainable, trainable
-    up = sum(sizes[k] for k in round_keys(list(sizes), [1]))
-    down = sum(sizes[k] for k in set(round_keys(list(sizes), [1])) | set(round_keys(list(sizes), [0])))
-    return trainable, up, down
+    defaults = load_config(None, [f"method={method}"]).adapter.model_dump()
+    return fedtt.inject(model, fedtt.AdapterConfig(**{**defaults, **options}))
+
+
+def sizes_of(model) -> dict[str, int]:
+    params = dict(model.named_parameters())
+    return {n: params[n].numel() for n in model.fedtt_trainable}
+
+
+def plain(cls, geometry, method, **options) -> tuple[int, int, int]:
+    trainable = sum(sizes_of(model_with(cls, geometry, method, **options)).values())
+    return trainable, trainable, trainable
+
+
+def fedtt_plus(cls, geometry, freezing: FreezingConfig, **options) -> list[tuple[int, int, int]]:
+    """(trainable, up, down) of each steady-state round the policy can produce (see the module docstring)."""
+    model = model_with(cls, geometry, "fedtt+", **options)
+    sizes, groups = sizes_of(model), factor_groups(model)
+    extras = sorted({g for g in groups.values() if isinstance(g, str)})
+    policy = FreezingPolicy(freezing, num_cores(model), extras)
+    if freezing.policy == "adaptive":  # any non-empty set of at most max_groups of the scheduled groups
+        limit = freezing.max_groups or len(policy.order)
+        choices = [list(c) + policy.always for k in range(1, limit + 1)
+                   for c in itertools.combinations(policy.order, k)]
+        pairs = [(a, b) for a in choices for b in choices]  # (this round, the round before)
+    else:
+        schedule = [policy.trainable(t) for t in range(1, 2 * len(policy.order) + 2)]
+        pairs = list(zip(schedule[len(policy.order) + 1:], schedule[len(policy.order):]))
+    total = sum(sizes.values())
+    rounds = []
+    for now, before in pairs:
+        up = set(round_keys(groups, now))
+        down = up | set(round_keys(groups, before))
+        rounds.append((total, sum(sizes[k] for k in up), sum(sizes[k] for k in down)))
+    return rounds
 
 
 def main() -> None:
-    print("| model | method | trainable | up / client / round | down / client / round | "
-          "up+down vs LoRA | MB per client-round (fp32) |")
+    default = load_config(None, ["method=fedtt+"]).freezing
+    print(f"FedTT+ default policy: {default.policy} (extras {default.extras}, max_groups {default.max_groups}, "
+          f"threshold {default.threshold}, patience {default.patience})\n")
+    print("| model | method | trainable | up / client / round | down / client / round | up+down vs LoRA | "
+          "MB per client-round (fp32) |")
     print("|---|---|--:|--:|--:|--:|--:|")
     for name, (cls, geometry) in GEOMETRIES.items():
-        rows = [(label, *counts(cls, geometry, method, options)) for label, method, options in METHODS]
-        lora_total = next(up + down for label, _, up, down in rows if label.startswith("LoRA"))
-        for label, trainable, up, down in rows:
-            print(f"| {name} | {label} | {trainable:,} | {up:,} | {down:,} | {lora_total / (up + down):.1f}x less | "
+        rows = [("LoRA q,v (r=8) + head", plain(cls, geometry, "lora")),
+                ("FFA-LoRA q,v (r=8) + head", plain(cls, geometry, "ffa-lora")),
+                ("FedTT (r=5), defaults + head", plain(cls, geometry, "fedtt")),
+                ("FedTT (r=5), cores + head only", plain(cls, geometry, "fedtt", train_biases=False)),
+                ("FedTT (r=5), with biases and norms (LoRETTA's set)",
+                 plain(cls, geometry, "fedtt", train_biases=True, train_norms=True))]
+        if name.startswith("RoBERTa"):
+            rows.append(("FedTT (r=5), defaults + tensorized head", plain(cls, geometry, "fedtt", head="tensorized")))
+        lora = rows[0][1][1] + rows[0][1][2]
+        for policy, label in ((default, f"FedTT+ default ({default.policy})"),
+                              (FreezingConfig(policy="cyclic"), "FedTT+ cyclic, one core per round"),
+                              (FreezingConfig(policy="cyclic", extras="scheduled"),
+                               "FedTT+ cyclic over cores and biases")):
+            rounds = fedtt_plus(cls, geometry, policy)
+            worst = max(rounds, key=lambda r: r[1] + r[2])
+            best = min(rounds, key=lambda r: r[1] + r[2])
+            if policy.policy == "adaptive":
+                rows += [(f"{label}: smallest round", best), (f"{label}: largest round", worst)]
+            else:
+                mean = tuple(round(sum(r[i] for r in rounds) / len(rounds)) for i in range(3))
+                rows += [(f"{label}: mean over a cycle", mean), (f"{label}: largest round", worst)]
+        for label, (trainable, up, down) in rows:
+            print(f"| {name} | {label} | {trainable:,} | {up:,} | {down:,} | {lora / (up + down):.1f}x less | "
                   f"{4 * (up + down) / 1e6:.2f} |")
 
 

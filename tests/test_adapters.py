@@ -40,7 +40,8 @@ LLAMA_2_13B = LlamaConfig(hidden_size=5120, intermediate_size=13824, num_hidden_
     (LlamaForSequenceClassification, LLAMA_2_13B, 8, False, 1_261_440),
 ])
 def test_parameter_counts_equal_loretta_published_ones(cls, geometry, rank, norms, expected):
-    model = fedtt.inject(meta_model(cls, geometry), AdapterConfig(rank=rank, train_norms=norms, train_head=False))
+    model = fedtt.inject(meta_model(cls, geometry), AdapterConfig(rank=rank, train_norms=norms, train_head=False,
+                                                                 train_biases=True))
     assert count(model) == expected
 
 
@@ -73,11 +74,15 @@ def logits(model, tokenizer, texts=TEXTS):
 
 
 @pytest.mark.parametrize("backbone", ["minilm", "smollm"])
-def test_identity_init_leaves_outputs_exactly_unchanged(backbone, request):
+def test_at_round_0_every_method_is_the_backbone_with_the_same_head(backbone, request):
+    """The default (identity) init: TT adapters start at zero like LoRA's B, so logits equal the backbone's."""
     base, tokenizer = request.getfixturevalue(backbone)
-    model = fedtt.inject(copy.deepcopy(base), AdapterConfig(init="identity"))
-    assert torch.equal(logits(model, tokenizer), logits(base, tokenizer))
-    adapted = fedtt.inject(copy.deepcopy(base), AdapterConfig())  # LoRETTA init: not the identity
+    for method in ("fedtt", "lora", "ffa-lora"):
+        model = fedtt.inject(copy.deepcopy(base), AdapterConfig(method=method))
+        assert torch.equal(logits(model, tokenizer), logits(base, tokenizer)), method
+    tensorized = fedtt.inject(copy.deepcopy(base), AdapterConfig(head="tensorized")) if backbone == "minilm" else base
+    assert torch.equal(logits(tensorized, tokenizer), logits(base, tokenizer))
+    adapted = fedtt.inject(copy.deepcopy(base), AdapterConfig(init="loretta"))  # LoRETTA's: not the backbone
     assert not torch.allclose(logits(adapted, tokenizer), logits(base, tokenizer))
 
 
@@ -88,9 +93,11 @@ def test_placement_trainable_set_and_backward(backbone, adapters_per_layer, requ
     adapters = [n for n, m in model.named_modules() if isinstance(m, fedtt.adapters.TensorizedAdapter)]
     assert len(adapters) == adapters_per_layer * model.config.num_hidden_layers
     for name, param in model.named_parameters():
-        is_ours = ".adapter." in name or "norm" in name.lower() or name.startswith(("classifier", "score"))
+        is_ours = ".adapter." in name or name.startswith(("classifier", "score"))  # norms: off by default
         assert param.requires_grad == is_ours, name
     batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    model = fedtt.inject(copy.deepcopy(base), AdapterConfig(init="loretta", train_norms=True))
+    assert any("norm" in n.lower() for n in model.fedtt_trainable)
     model.train()
     torch.nn.functional.cross_entropy(model(**batch).logits, torch.tensor([1, 0])).backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
@@ -127,9 +134,50 @@ def test_save_load_round_trip_on_a_fresh_backbone(method, backbone, request, tmp
             if p.requires_grad:
                 p.add_(0.01 * torch.randn_like(p))
     fedtt.save_adapter(model, tmp_path, metadata={"model": backbone})
+    assert {p.name for p in tmp_path.iterdir()} == {"adapter_config.json", "adapter_model.safetensors", "fedtt.json"}
     fresh = fedtt.load_adapter(copy.deepcopy(base), tmp_path)
     assert fresh.fedtt_config == model.fedtt_config
     assert torch.equal(logits(fresh, tokenizer), logits(model, tokenizer))
+    if method != "fedtt":  # a standard PEFT adapter: plain peft loads it, head included, without fedtt
+        from peft import PeftModel
+
+        peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
+        assert torch.equal(logits(peft_model, tokenizer), logits(model, tokenizer))
+
+
+def test_a_frozen_head_is_saved_with_the_adapter(minilm, tmp_path):
+    base, tokenizer = minilm
+    model = fedtt.inject(copy.deepcopy(base), AdapterConfig(train_head=False))
+    assert "classifier.weight" not in model.fedtt_trainable
+    fedtt.save_adapter(model, tmp_path)
+    torch.manual_seed(99)  # another head init: loading must restore the run's
+    other, _ = load_backbone("minilm", num_labels=2, num_hidden_layers=2)
+    assert torch.equal(logits(fedtt.load_adapter(other.eval(), tmp_path), tokenizer), logits(model, tokenizer))
+
+
+def test_tensorized_head_and_lora_on_every_linear(minilm):
+    base, _ = minilm
+    model = fedtt.inject(copy.deepcopy(base), AdapterConfig(head="tensorized"))
+    tt = [n for n in model.fedtt_trainable if n.startswith("bert.pooler.dense.tt.")]
+    assert tt and "bert.pooler.dense.base_layer.weight" not in model.fedtt_trainable
+    assert sum(dict(model.named_parameters())[n].numel() for n in tt) < 384 * 384 / 20
+    with pytest.raises(ValueError, match="goes with the TT methods"):
+        AdapterConfig(method="lora", head="tensorized")
+    everywhere = fedtt.inject(copy.deepcopy(base), AdapterConfig(method="lora", target_modules=["all-linear"]))
+    wrapped = {n.split(".lora_A")[0] for n in everywhere.fedtt_trainable if "lora_A" in n}
+    assert len(wrapped) == 2 * 6 + 1 and not any(n.startswith("classifier") for n in wrapped)  # 6 per layer + pooler
+
+
+def test_adapters_train_in_float32_on_a_half_precision_backbone():
+    model, tokenizer = load_backbone("minilm", num_labels=2, num_hidden_layers=1, dtype=torch.bfloat16, seed=0)
+    for method in ("fedtt", "lora"):
+        adapted = fedtt.inject(copy.deepcopy(model), AdapterConfig(method=method))
+        dtypes = {n: p.dtype for n, p in adapted.named_parameters() if ".lora_" in n or ".adapter." in n}
+        assert dtypes and set(dtypes.values()) == {torch.float32}, method
+        batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
+        out = adapted(**batch).logits
+        torch.nn.functional.cross_entropy(out.float(), torch.tensor([1, 0])).backward()
+        assert all(p.grad is not None for p in adapted.parameters() if p.requires_grad)
 
 
 def test_trainable_state_dict_names_are_stable_and_loading_is_strict(minilm):
@@ -162,7 +210,7 @@ def test_unknown_architecture_and_bad_config_errors(tmp_path):
     assert isinstance(model.proj, fedtt.adapters.AdaptedLinear)
     with pytest.raises(ValueError, match="matched no nn.Linear"):
         fedtt.inject(Tiny(), AdapterConfig(target_modules=["nope"]))
-    with pytest.raises(ValueError, match="adapter.method = 'dora' is not valid; use one of: fedtt, lora"):
+    with pytest.raises(ValueError, match="method"):
         AdapterConfig(method="dora")
-    with pytest.raises(FileNotFoundError, match="adapter_config.json not found"):
+    with pytest.raises(FileNotFoundError, match="fedtt.json not found"):
         fedtt.load_adapter(Tiny(), tmp_path)

@@ -1,32 +1,55 @@
 import csv
+import json
 
 import pytest
 
-from fedtt.compare import compare, method_overrides
+from fedtt.cli import main
+from fedtt.compare import method_overrides, parse_grid, read_tuned, tune
 
-TINY = ["model.num_hidden_layers=2", "model.max_length=32", "federation.rounds=2", "federation.local_steps=2",
-        "federation.batch_size=8", "task.max_eval_examples=50", "federation.partition=iid"]
+TINY = ["model.num_hidden_layers=2", "model.max_length=32", "federation.rounds=1", "federation.local_steps=2",
+        "federation.batch_size=8", "task.max_eval_examples=40", "federation.partition='iid'"]
 
 
-def test_compare_runs_each_method_on_the_same_split_and_writes_the_comparison(tmp_path):
-    runs = compare(None, TINY, ["fedtt", "fedtt+:cyclic", "lora", "centralized"], tmp_path, quick=True)
-    by_label = {r["label"]: r for r in runs}
-    assert by_label["fedtt"]["client_label_histograms"] == by_label["lora"]["client_label_histograms"]
-    assert by_label["centralized"]["num_clients"] == 1
-    assert sum(by_label["centralized"]["client_label_histograms"][0]) == sum(
-        map(sum, by_label["fedtt"]["client_label_histograms"]))
-    assert by_label["fedtt+:cyclic"]["total_bytes"] < by_label["fedtt"]["total_bytes"] < by_label["lora"]["total_bytes"]
+def test_compare_quick_over_two_seeds_writes_mean_and_std(tmp_path, capsys):
+    argv = ["compare", "--quick", "--seeds", "0,1", "--methods", "fedtt,lora,fedtt+:cyclic,centralized:lora",
+            "--out", str(tmp_path)] + [a for o in TINY for a in ("--set", o)]
+    assert main(argv) == 0
     rows = {row["method"]: row for row in csv.DictReader((tmp_path / "comparison.csv").open())}
-    assert set(rows) == {"fedtt", "fedtt+:cyclic", "lora", "centralized"}
-    ratio = by_label["lora"]["total_bytes"] / by_label["fedtt"]["total_bytes"]
-    assert float(rows["fedtt"]["x less traffic than LoRA"]) == pytest.approx(ratio, abs=0.05)
-    assert (tmp_path / "comparison.png").stat().st_size > 0
-    assert "fedtt+:cyclic" in (tmp_path / "comparison.md").read_text()
-    assert (tmp_path / "fedttplus-cyclic" / "results.json").exists()
+    assert set(rows) == {"fedtt", "lora", "fedtt+:cyclic", "centralized:lora"}
+    for row in rows.values():
+        assert row["n"] == "2" and row["test_selected_mean"] and row["test_selected_std"] and row["test_final_std"]
+    assert float(rows["lora"]["x less traffic than LoRA"]) == pytest.approx(1.0)
+    assert float(rows["fedtt+:cyclic"]["bytes_per_round"]) < float(rows["fedtt"]["bytes_per_round"]) < float(
+        rows["lora"]["bytes_per_round"])
+    runs = {(m, s): json.loads((tmp_path / m.replace(":", "-").replace("+", "plus") / f"seed-{s}" /
+                                "results.json").read_text()) for m in rows for s in (0, 1)}
+    assert runs["fedtt", 0]["client_label_histograms"] == runs["lora", 0]["client_label_histograms"]
+    assert runs["fedtt", 0]["client_label_histograms"] != runs["fedtt", 1]["client_label_histograms"]  # data seed
+    assert runs["centralized:lora", 1]["num_clients"] == 1 and runs["centralized:lora", 1]["method"] == "lora"
+    assert runs["lora", 0]["seed"] == 0 and runs["lora", 1]["seed"] == 1
+    assert (tmp_path / "comparison.png").stat().st_size > 0 and "± " in (tmp_path / "comparison.md").read_text()
+
+
+def test_tune_picks_each_methods_value_on_validation_only(tmp_path):
+    chosen = tune(None, TINY, ["fedtt", "lora"], {"federation.lr": ["1e-4", "3e-2"]}, tmp_path, seeds=[0])
+    table = list(csv.DictReader((tmp_path / "tune.csv").open()))
+    assert len(table) == 4
+    for method in ("fedtt", "lora"):
+        rows = [r for r in table if r["method"] == method]
+        best = max(rows, key=lambda r: float(r["validation_mean"]))
+        assert chosen[method] == [f"federation.lr={best['federation.lr']}"]
+        assert best["chosen"] == "True" and sum(r["chosen"] == "True" for r in rows) == 1
+    assert read_tuned(tmp_path) == chosen
+    assert "**chosen**" in (tmp_path / "tune.md").read_text()
 
 
 def test_method_specs():
     assert method_overrides("fedtt+:adaptive", 3, 20) == ["method=fedtt+", "freezing.policy=adaptive"]
     assert "federation.local_steps=60" in method_overrides("centralized", 3, 20)
+    assert "method=lora" in method_overrides("centralized:lora", 3, 20)
     with pytest.raises(ValueError, match="policies go with fedtt\\+ only"):
         method_overrides("lora:cyclic", 3, 20)
+    with pytest.raises(ValueError, match="centralized runs fedtt, lora or ffa-lora"):
+        method_overrides("centralized:fedtt+", 3, 20)
+    assert parse_grid(["federation.lr=1e-3, 3e-3", "adapter.rank=2"]) == {"federation.lr": ["1e-3", "3e-3"],
+                                                                        "adapter.rank": ["2"]}

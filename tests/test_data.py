@@ -11,13 +11,14 @@ import pandas as pd
 import pytest
 
 from fedtt.data import BUNDLED_TASKS, label_histograms, load_task, partition
+from fedtt.data.instructions import OPEN_ENDED
 
 DEC_LORA = [[0.15, 0.85], [0.85, 0.15], [0.5, 0.5]]
 
 
 @pytest.fixture(scope="module")
 def tasks():
-    return {name: load_task(name) for name in BUNDLED_TASKS}
+    return {name: load_task(name) for name in BUNDLED_TASKS if name not in OPEN_ENDED}
 
 
 def _texts(ds):
@@ -200,10 +201,10 @@ def test_hub_path_on_local_dir(tasks, tmp_path):
 
 
 def _check_partition(train, parts):
-    assert sum(len(p) for p in parts) == len(train)
-    seen = [t for p in parts for t in p["text"]]
-    assert len(set(seen)) == len(seen) == len(train)  # disjoint and complete (train texts are unique)
-    assert all(p.column_names == ["text", "label"] for p in parts)
+    """Index arrays into train: disjoint and complete."""
+    assert all(p.dtype == np.int64 and p.ndim == 1 for p in parts)
+    seen = np.concatenate(parts)
+    assert sorted(seen.tolist()) == list(range(len(train)))
 
 
 def test_iid_partition(tasks):
@@ -212,11 +213,11 @@ def test_iid_partition(tasks):
     _check_partition(train, parts)
     assert sorted(len(p) for p in parts) == [1785, 1785, 1785, 1785, 1786]
     glob = _dist(train["label"], 2)
-    hists = label_histograms(parts, 2)
+    hists = label_histograms(train["label"], parts, 2)
     assert [sum(h) for h in hists] == [len(p) for p in parts]
     assert max(_tv(np.array(h) / sum(h), glob) for h in hists) < 0.03
-    assert [p["text"] for p in parts] == [p["text"] for p in partition(train, num_clients=5, seed=0)]
-    assert parts[0]["text"] != partition(train, num_clients=5, seed=1)[0]["text"]
+    assert [p.tolist() for p in parts] == [p.tolist() for p in partition(train, num_clients=5, seed=0)]
+    assert parts[0].tolist() != partition(train, num_clients=5, seed=1)[0].tolist()
 
 
 def test_dirichlet_skew_grows_as_alpha_shrinks(tasks):
@@ -226,13 +227,13 @@ def test_dirichlet_skew_grows_as_alpha_shrinks(tasks):
     def mean_tv(alpha, seed=0):
         parts = partition(train, num_clients=4, kind="dirichlet", alpha=alpha, seed=seed)
         _check_partition(train, parts)
-        return np.mean([_tv(np.array(h) / sum(h), glob) for h in label_histograms(parts, 6)]), parts
+        return np.mean([_tv(np.array(h) / sum(h), glob) for h in label_histograms(train["label"], parts, 6)]), parts
 
     skewed, parts = mean_tv(0.1)
     flat, _ = mean_tv(100.0)
     assert skewed > 0.3 and flat < 0.05 and skewed > 5 * flat
     again = partition(train, num_clients=4, kind="dirichlet", alpha=0.1, seed=0)
-    assert [p["text"] for p in again] == [p["text"] for p in parts]
+    assert [p.tolist() for p in again] == [p.tolist() for p in parts]
     other = partition(train, num_clients=4, kind="dirichlet", alpha=0.1, seed=1)
     assert [len(p) for p in other] != [len(p) for p in parts]
 
@@ -241,20 +242,20 @@ def test_label_skew_matches_rows(tasks):
     train = tasks["rotten_tomatoes"].train  # 42% negative: inside the rows' range, so mixes are exact
     parts = partition(train, num_clients=3, kind="label_skew", proportions=DEC_LORA, seed=0)
     _check_partition(train, parts)
-    for h, row in zip(label_histograms(parts, 2), DEC_LORA):
+    for h, row in zip(label_histograms(train["label"], parts, 2), DEC_LORA):
         assert np.allclose(np.array(h) / sum(h), row, atol=0.005)
-    assert [p["text"] for p in parts] == [
-        p["text"] for p in partition(train, num_clients=3, kind="label_skew", proportions=DEC_LORA, seed=0)
+    assert [p.tolist() for p in parts] == [
+        p.tolist() for p in partition(train, num_clients=3, kind="label_skew", proportions=DEC_LORA, seed=0)
     ]
     assert (
-        parts[2]["text"]
-        != partition(train, num_clients=3, kind="label_skew", proportions=DEC_LORA, seed=1)[2]["text"]
+        parts[2].tolist()
+        != partition(train, num_clients=3, kind="label_skew", proportions=DEC_LORA, seed=1)[2].tolist()
     )
     # SMS is 13% spam: no client can be 85% spam with all the data used, but ordering and coverage hold
     sms = tasks["sms_spam"].train
     parts = partition(sms, num_clients=3, kind="label_skew", proportions=DEC_LORA, seed=0)
     _check_partition(sms, parts)
-    spam = [h[1] / sum(h) for h in label_histograms(parts, 2)]
+    spam = [h[1] / sum(h) for h in label_histograms(sms["label"], parts, 2)]
     assert spam[0] > spam[2] > spam[1] and spam[0] > 0.5 and spam[1] < 0.08
     assert min(len(p) for p in parts) > 150
 
@@ -285,4 +286,57 @@ def test_partition_errors(tasks):
     with pytest.raises(ValueError, match=r"below min_partition_size=2000"):
         partition(train, num_clients=2, kind="iid", min_partition_size=2000)
     with pytest.raises(ValueError, match="labels must be in"):
-        label_histograms([train], 3)
+        label_histograms(train["label"], [np.arange(len(train))], 3)
+
+
+# ------------------------------------------------------------------------------------- instruction tasks
+
+
+@pytest.mark.parametrize("name, words", [("trec", ["abbreviation", "description", "entity", "human", "location",
+                                                    "number"]), ("sms_spam", ["ham", "spam"])])
+def test_bundled_labelled_tasks_as_instructions(tasks, name, words):
+    td = load_task(name, kind="instruction")
+    assert td.kind == "instruction" and td.labelled and td.label_words == words
+    assert td.train.column_names == ["prompt", "response", "label", "text"]
+    assert (len(td.train), len(td.validation), len(td.test)) == (len(tasks[name].train), len(tasks[name].validation),
+                                                              len(tasks[name].test))  # the same split
+    row = td.train[0]
+    assert row["response"] == words[row["label"]] and row["text"] in row["prompt"]
+    assert row["text"] == tasks[name].train[0]["text"]
+    custom = load_task(name, kind="instruction", template="Q: {text} ({labels})",
+                       label_words=[w.upper() for w in words])
+    assert custom.train[0]["prompt"] == f"Q: {row['text']} ({', '.join(w.upper() for w in words)})"
+    with pytest.raises(ValueError, match="label_words has 1 words for"):
+        load_task(name, kind="instruction", label_words=["one"])
+
+
+def test_open_ended_pairs_bundled_and_from_files(tmp_path):
+    dialog = load_task("movie_dialog", kind="instruction", max_train_examples=300)
+    assert not dialog.labelled and len(dialog.train) == 300 and len(dialog.validation) > 5000
+    assert set(dialog.train["label"]) == {-1} and all(dialog.train["response"])
+    with pytest.raises(ValueError, match="open-ended prompt/response pairs without labels"):
+        load_task("movie_dialog")
+    alpaca = pd.DataFrame({"instruction": ["Add the numbers.", "Name a colour.", "Say hi."] * 10,
+                           "input": ["2 and 3", "", ""] * 10, "output": ["5", "Blue", "Hi"] * 10})
+    alpaca["instruction"] = [f"{t} #{i}" for i, t in enumerate(alpaca["instruction"])]
+    alpaca.to_json(tmp_path / "alpaca.jsonl", orient="records", lines=True)
+    td = load_task(str(tmp_path / "alpaca.jsonl"), kind="instruction", validation_fraction=0.2, test_fraction=0.2)
+    assert sum(len(s) for s in (td.train, td.validation, td.test)) == 30
+    everything = pd.concat([s.to_pandas() for s in (td.train, td.validation, td.test)])
+    assert "Add the numbers. #0\n\n2 and 3" in set(everything["prompt"])
+    assert "Name a colour. #1" in set(everything["prompt"])  # an empty input adds nothing
+    pd.DataFrame({"q": ["a?", "b?", "c?"] * 4, "a": ["x", "y", "z"] * 4}).assign(
+        q=lambda d: [f"{q} {i}" for i, q in enumerate(d["q"])]).to_csv(tmp_path / "qa.csv", index=False)
+    qa = load_task(str(tmp_path / "qa.csv"), kind="instruction", prompt_column="q", response_column="a")
+    assert qa.train.column_names == ["prompt", "response", "label"]
+    with pytest.raises(ValueError, match="no prompt/response columns"):
+        load_task(str(tmp_path / "qa.csv"), kind="instruction")
+
+
+def test_a_site_file_with_one_label_is_accepted(tmp_path):
+    pd.DataFrame({"text": [f"free prize {i}" for i in range(8)], "label": ["spam"] * 8}).to_csv(
+        tmp_path / "site.csv", index=False)
+    td = load_task(str(tmp_path / "site.csv"), validation_fraction=0.0, test_fraction=0.0, min_labels=1)
+    assert td.label_names == ["spam"] and len(td.train) == 8
+    with pytest.raises(ValueError, match="need at least 2 labels"):
+        load_task(str(tmp_path / "site.csv"))

@@ -99,6 +99,17 @@ def test_supernode_with_an_unregistered_key_is_refused(deployment, tmp_path):
 
 
 @needs_flower
+def test_secure_aggregation_runs_on_the_deployment_engine(deployment, tmp_path):
+    """One round of SecAgg+ (its four message stages) and DP across real SuperNodes on TLS."""
+    results = deployment.run(DEMO, [*TINY, "federation.rounds=1", "privacy.secure_aggregation=true",
+                                    "federation.min_replies=2", "privacy.dp=true", "privacy.noise_multiplier=1.0"],
+                             tmp_path / "out", timeout=300)
+    (first,) = results["rounds"]
+    assert results["status"] == "finished" and (first["clients"], first["dropped"]) == (3, [])
+    assert len(results["privacy"]["epsilon"]) == 3 and results["privacy"]["epsilon_max"] > 0
+
+
+@needs_flower
 def test_three_authenticated_supernodes_run_and_a_killed_one_does_not_stop_the_run(deployment, tmp_path):
     """3 rounds on TLS + SuperNode authentication; SuperNode 2 is killed (SIGKILL) once round 1 is in.
 
@@ -128,8 +139,8 @@ def test_three_authenticated_supernodes_run_and_a_killed_one_does_not_stop_the_r
     assert dropped["node"] in deployment.node_ids  # the dead node's id, not the SuperLink's
     assert (rounds[2]["clients"], rounds[2]["sampled"], rounds[2]["dropped"]) == (2, 2, [])  # not waited for
     for r in rounds:
-        assert r["train_loss"] is not None and r["bytes_up"] == r["clients"] * rounds[0]["bytes_up"] // 3
-    assert (tmp_path / "out" / "adapter" / "adapter.safetensors").is_file()
+        assert r["train_loss"] is not None and r["params_up"] == r["clients"] * rounds[0]["params_up"] // 3
+    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
     assert not deployment.procs["supernode-2"].alive()
     for i in range(NODES):  # each SuperNode trained on its own file, read through `data-path`
         assert f"site-{i}.csv" in deployment.procs[f"supernode-{i}"].popen.args[-1]
@@ -211,46 +222,59 @@ def test_dev_credentials_are_what_flower_expects(tmp_path):
 
 
 def test_a_site_file_is_read_with_the_task_label_names(tmp_path):
-    import datasets
-
     from fedtt.federated.client_app import local_data, partition_id_of
-    from fedtt.federated.task import site_dataset
+    from fedtt.federated.task import experiment, run_config_for, site_data
 
-    class Exp:  # what site_dataset and local_data read of an experiment
-        config = load_config(None, ["federation.num_clients=2"])
-        task = type("Task", (), {"label_names": ["negative", "positive"]})()
-        partitions = ["partition 0", "partition 1"]
-
+    exp = experiment(run_config_for(load_config(None, ["model.num_hidden_layers=1", "task.max_eval_examples=8"]),
+                                    "/unused"))  # rotten_tomatoes: labels negative, positive
     site = tmp_path / "site.csv"
     site.write_text("text,label\n great film ,positive\nawful,negative\ngood,positive\ngreat film,positive\n")
-    ds = site_dataset(Exp, str(site))
-    assert len(ds) == 3  # stripped, de-duplicated, every row kept (no validation/test split on a site)
-    assert dict(zip(list(ds["text"]), list(ds["label"]))) == {"great film": 1, "awful": 0, "good": 1}
-    assert ds.features["label"] == datasets.ClassLabel(names=["negative", "positive"])
-
-    class Exp3(Exp):  # a site may hold a subset of the labels: matched by name, not by position in the file
-        task = type("Task", (), {"label_names": ["negative", "neutral", "positive"]})()
-
-    assert dict(zip(list(ds["text"]), list(site_dataset(Exp3, str(site))["label"]))) == {
-        "great film": 2, "awful": 0, "good": 2}
+    data = site_data(exp, str(site))
+    assert len(data) == 3  # stripped, de-duplicated, every row kept (no validation/test split on a site)
+    texts = [exp.tokenizer.decode(ids, skip_special_tokens=True) for ids in data.input_ids]
+    assert dict(zip(texts, data.labels)) == {"great film": 1, "awful": 0, "good": 1}
+    one = tmp_path / "one-label.csv"  # a site may hold one label only: matched by name, not by position
+    one.write_text("text,label\nwonderful,positive\nsuperb,positive\n")
+    assert site_data(exp, str(one)).labels == [1, 1]
     unknown = tmp_path / "unknown.csv"
     unknown.write_text("text,label\na,positive\nb,positive\nc,neutral\n")
     with pytest.raises(ValueError, match=r"\['neutral'\] are not labels of task"):
-        site_dataset(Exp, str(unknown))
+        site_data(exp, str(unknown))
 
-    assert len(local_data(Exp, {"data-path": str(site), "partition-id": 5})) == 3
+    rows = local_data(exp, {"data-path": str(site), "partition-id": 5})[1]
+    assert list(rows) == [0, 1, 2]
     assert partition_id_of({"data-path": str(site), "partition-id": 5}) == 5
-    assert partition_id_of({"data-path": str(site)}) == partition_id_of({"data-path": str(site)})  # path checksum
+    assert partition_id_of({"data-path": str(site)}) == partition_id_of({"data-path": str(site)})  # file digest
     assert partition_id_of({"data-path": str(site)}) != partition_id_of({"data-path": str(unknown)})
-    assert local_data(Exp, {"partition-id": 1, "num-partitions": 2}) == "partition 1"
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    for folder, text in (("a", "x,positive\n"), ("b", "y,negative\n")):  # two sites, the same relative name
+        (tmp_path / folder / "train.csv").write_text("text,label\n" + text)
+    assert partition_id_of({"data-path": str(tmp_path / "a/train.csv")}) != partition_id_of(
+        {"data-path": str(tmp_path / "b/train.csv")})
+    data, rows = local_data(exp, {"partition-id": 1, "num-partitions": 3})
+    assert data is exp.train and list(rows) == list(exp.partitions[1])
 
 
 class FakeGrid:
+    """A grid whose nodes answer the partition query (node i holds partition i - 11) and nothing else."""
+
     def __init__(self, nodes):
         self.nodes = list(nodes)
 
     def get_node_ids(self):
         return list(self.nodes)
+
+    def send_and_receive(self, messages, timeout=None):
+        from flwr.app import Message, MetricRecord, RecordDict
+
+        replies = []
+        for m in messages:
+            reply = Message(RecordDict({"metrics": MetricRecord({"partition-id": m.metadata.dst_node_id - 11})}),
+                            reply_to=m)
+            reply.metadata.__dict__["_src_node_id"] = m.metadata.dst_node_id
+            replies.append(reply)
+        return replies
 
 
 @pytest.fixture
@@ -263,14 +287,17 @@ def strategy():
 
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
     config = load_config(None, ["federation.num_clients=3", "federation.round_timeout=1.5"])
-    return FedTTStrategy(config, ["w"]), ArrayRecord({"w": Array(np.ones(4, np.float32))})
+    return FedTTStrategy(config, {"w": None}, {"w": (4,)}), ArrayRecord({"w": Array(np.ones(4, np.float32))})
 
 
 def _reply(msg, loss=0.5):
-    from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+    from flwr.app import Message, MetricRecord, RecordDict
 
-    return Message(RecordDict({"arrays": ArrayRecord({"w": Array(np.full(4, 2.0, np.float32))}),
-                               "metrics": MetricRecord({"train_loss": loss, "num-examples": 10})}), reply_to=msg)
+    from fedtt.federated.codec import pack
+
+    arrays, index = pack({"w": np.full(4, 2.0, np.float32)}, "float32")
+    return Message(RecordDict({"arrays": arrays, "wire": index, "metrics": MetricRecord(
+        {"train_loss": loss, "num-examples": 10, "partition-id": msg.metadata.dst_node_id - 11})}), reply_to=msg)
 
 
 def test_dead_nodes_are_dropped_by_id_and_not_waited_for(strategy):
@@ -286,7 +313,7 @@ def test_dead_nodes_are_dropped_by_id_and_not_waited_for(strategy):
     assert unavailable.metadata.src_node_id != 12  # the SuperLink made it
     arrays, _ = strategy.aggregate_train(1, [_reply(by_node[11]), unavailable])  # 13: no reply (timeout)
     stats = strategy.rounds[1]
-    assert arrays is not None and (stats["clients"], stats["contributed"]) == (3, 1)
+    assert arrays is not None and (stats["sampled"], stats["contributed"]) == (3, 1)
     reasons = {d["node"]: d["reason"] for d in stats["dropped"]}
     assert set(reasons) == {12, 13}
     assert "Node Unavailable" in reasons[12] and "no reply within federation.round_timeout = 1.5 s" in reasons[13]
@@ -306,7 +333,7 @@ def test_the_first_round_waits_for_all_nodes_until_round_timeout(strategy, caplo
     waited = time.monotonic() - t0
     assert 1.5 <= waited < 4 and len(messages) == 2  # waited round_timeout for the third, then went on
     assert "2 of 3 expected clients connected" in caplog.text
-    assert strategy.rounds[1]["clients"] == 2
+    assert strategy.rounds[1]["sampled"] == 2
 
 
 def test_round_timeout_is_validated():

@@ -79,6 +79,10 @@ def no_ray_left(monkeypatch):
 
 
 CROSS_DEVICE = ["federation.num_clients=6", "federation.clients_per_round=2"]
+# Cross-silo: FedTT+ (partial payloads, the handshake) under secure aggregation and DP, so every query stage
+# crosses Ray too
+SECURE = ["method='fedtt+'", "privacy.secure_aggregation=true", "federation.min_replies=2", "privacy.dp=true",
+          "privacy.noise_multiplier=1.0"]
 
 
 @pytest.fixture
@@ -93,36 +97,39 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("federation", [[], CROSS_DEVICE], ids=["cross-silo", "cross-device"])
+@pytest.mark.parametrize("federation", [SECURE, CROSS_DEVICE], ids=["cross-silo-secure", "cross-device"])
 def test_flower_sim_matches_inprocess(tmp_path, no_ray_left, one_thread, federation):
     """Cross-device too: the server samples partitions, so Flower's random node ids do not change who trains."""
     inprocess = run(load_config(None, TINY + federation), tmp_path / "inprocess")
     sim = run(load_config(None, TINY + federation + ["federation.engine=flower-sim"]), tmp_path / "sim")
-    per_round = 2 if federation else 3
+    per_round = 2 if federation is CROSS_DEVICE else 3
 
     assert (inprocess["engine"], sim["engine"]) == ("inprocess", "flower-sim")
     for key in ("trainable_params", "client_label_histograms", "num_clients", "clients_per_round",
                 "label_names"):
         assert sim[key] == inprocess[key], key
-    for key in ("accuracy", "loss", "macro_f1"):
-        assert sim["initial"][key] == pytest.approx(inprocess["initial"][key], abs=TOL), key
+    for split in ("validation", "test"):
+        for key in ("accuracy", "loss", "macro_f1"):
+            assert sim["initial"][split][key] == pytest.approx(inprocess["initial"][split][key], abs=TOL), key
     assert len(sim["rounds"]) == len(inprocess["rounds"]) == 2
     for a, b in zip(inprocess["rounds"], sim["rounds"], strict=True):
         for key in ("round", "clients", "sampled", "partitions", "params_up", "params_down", "bytes_up",
-                    "bytes_down", "trainable_cores", "dropped"):
+                    "bytes_down", "groups", "dropped"):
             assert b[key] == a[key], (a["round"], key)
         assert b["clients"] == per_round and len(set(b["partitions"])) == per_round and not b["dropped"]
         assert b["train_loss"] == pytest.approx(a["train_loss"], abs=TOL)
-        for key in ("accuracy", "loss", "macro_f1"):
-            assert b["eval"][key] == pytest.approx(a["eval"][key], abs=TOL), (a["round"], key)
+        for split in ("validation", "eval"):
+            for key in ("accuracy", "loss", "macro_f1"):
+                assert b[split][key] == pytest.approx(a[split][key], abs=TOL), (a["round"], split, key)
     assert sim["total_bytes"] == inprocess["total_bytes"]
+    assert sim["selected"]["round"] == inprocess["selected"]["round"]
 
-    adapter_a = load_file(tmp_path / "inprocess" / "adapter" / "adapter.safetensors")
-    adapter_b = load_file(tmp_path / "sim" / "adapter" / "adapter.safetensors")
+    adapter_a = load_file(tmp_path / "inprocess" / "adapter" / "adapter_model.safetensors")
+    adapter_b = load_file(tmp_path / "sim" / "adapter" / "adapter_model.safetensors")
     assert adapter_a.keys() == adapter_b.keys() and adapter_a
     for name in adapter_a:
         torch.testing.assert_close(adapter_b[name], adapter_a[name], rtol=0, atol=TOL, msg=name)
-    assert sim["rounds"][-1]["eval"]["loss"] != sim["initial"]["loss"]  # the federation trained
+    assert sim["rounds"][-1]["eval"]["loss"] != sim["initial"]["test"]["loss"]  # the federation trained
     assert 'engine = "flower-sim"' in (tmp_path / "sim" / "config.toml").read_text()
 
 

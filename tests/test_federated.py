@@ -1,4 +1,5 @@
-"""Short real federations: truncated MiniLM (2 pretrained layers), real Rotten Tomatoes, real Flower."""
+"""Short real federations on real MiniLM and real bundled data, on real Flower: learning, outputs, bytes,
+the validation-selected round, seeds, cross-device sampling, bad replies, failing loudly, local epochs."""
 
 import json
 import logging
@@ -6,146 +7,250 @@ import logging
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from safetensors.torch import load_file
 
+import fedtt
+import fedtt.federated.task as task_module
+from fedtt.cli import main
 from fedtt.config import load_config
 from fedtt.engines.inprocess import run_inprocess
 from fedtt.federated import client_app as real_client
+from fedtt.federated.codec import pack, unpack
 from fedtt.federated.server_app import app as server_app
-from fedtt.federated.strategy import check_reply
-from fedtt.federated.task import run_config_for
+from fedtt.federated.server_app import select
+from fedtt.federated.strategy import learning_rate
+from fedtt.federated.task import local_batches, run_config_for
+from fedtt.models import load_backbone
 from fedtt.run import run
 
-FAST = ["model.num_hidden_layers=2", "model.max_length=32", "task.max_eval_examples=300",
-        "federation.batch_size=16", "federation.local_steps=8", "federation.lr=3e-3"]
+FAST = ["model.num_hidden_layers=2", "model.max_length=32", "task.max_eval_examples=100",
+        "federation.batch_size=8", "federation.local_steps=2", "federation.partition='iid'"]
+# Spam is learnable in a few rounds by the full MiniLM: the run every output test reads.
+SPAM = ["task.name='sms_spam'", "model.max_length=32", "task.max_eval_examples=200", "federation.batch_size=16",
+        "federation.local_steps=10", "federation.rounds=3", "federation.lr=1e-2", "federation.partition='iid'"]
 
 
-def fast_config(*overrides):
-    return load_config(None, FAST + list(overrides))
+def config(*overrides, base=FAST):
+    return load_config(None, list(base) + list(overrides))
 
 
 @pytest.fixture(scope="module")
-def fedtt_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fedtt")
-    return run(fast_config("federation.rounds=4", "federation.partition=iid"), out), out
+def spam_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("spam")
+    return run(config(base=SPAM), out), out
 
 
-def test_accuracy_rises_and_outputs_are_written(fedtt_run):
-    results, out = fedtt_run
-    accuracies = [r["eval"]["accuracy"] for r in results["rounds"]]
-    assert len(accuracies) == 4
-    assert results["best"]["accuracy"] >= results["initial"]["accuracy"] + 0.1
-    assert accuracies[-1] > 0.6
-    assert {"results.json", "results.md", "curves.png", "config.toml", "adapter"} <= {p.name for p in out.iterdir()}
+def test_a_federation_learns_and_writes_its_outputs(spam_run):
+    results, out = spam_run
+    initial, final = results["initial"]["validation"], results["rounds"][-1]["validation"]
+    assert initial["macro_f1"] < 0.5  # the majority class (ham) only
+    assert final["macro_f1"] > 0.8 and results["final"]["macro_f1"] > 0.8  # spam is found, on validation and test
+    assert {"results.json", "results.md", "curves.png", "config.toml", "adapter", "checkpoint.safetensors"} <= {
+        p.name for p in out.iterdir()}
     assert json.loads((out / "results.json").read_text()) == results
-    assert results["client_label_histograms"] and sum(map(sum, results["client_label_histograms"])) > 0
+    assert results["status"] == "finished" and results["selection"]["metric"] == "accuracy"
+    assert results["test_examples"] == results["validation_examples"] == 200
 
 
-def test_params_and_bytes_are_what_the_clients_sent(fedtt_run):
-    results, out = fedtt_run
-    adapter = load_file(out / "adapter" / "adapter.safetensors")
+def test_params_and_bytes_are_what_the_clients_sent(spam_run):
+    results, out = spam_run
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
     assert results["trainable_params"] == sum(t.numel() for t in adapter.values())
-    # What one client sends: every trainable tensor as Flower serializes it (.npy bytes + key), plus metrics.
-    one_client = ArrayRecord({k: Array(v.numpy()) for k, v in adapter.items()})
-    npy_bytes = sum(len(Array(v.numpy()).data) + len(k) for k, v in adapter.items())
-    assert one_client.count_bytes() == npy_bytes
-    metrics = MetricRecord({"train_loss": 0.5, "num-examples": 1, "partition-id": 0}).count_bytes()
-    config_down = ConfigRecord({"server-round": 1}).count_bytes()
+    model = fedtt.inject(load_backbone("minilm", num_labels=2)[0], config(base=SPAM).adapter)
+    arrays, index = pack({k: adapter[k].numpy() for k in model.fedtt_trainable}, "float32")  # the model's order
+    payload = arrays.count_bytes() + index.count_bytes()
+    groups = sorted({"0", "1", "2", "3", "4", "bias"})
+    metrics = MetricRecord({"train_loss": 0.5, "num-examples": 1, "partition-id": 0, "synced-round": 0,
+                            **{f"sq:{g}": 0.1 for g in groups}}).count_bytes()
+    config_down = ConfigRecord({"server-round": 1, "lr": 0.1, "full": True, "base-round": 0, "sync-round": 0,
+                                "dp-prior-sigma": 0.0, "dp-prior-steps": 0}).count_bytes()
     for entry in results["rounds"]:
         assert entry["clients"] == 3
         assert entry["params_up"] == entry["params_down"] == 3 * results["trainable_params"]
-        assert entry["bytes_up"] == 3 * (npy_bytes + metrics)
-        assert entry["bytes_down"] == 3 * (npy_bytes + config_down)
+        # round 1 also asks each node its partition id once (an empty query, one int back)
+        query = 3 * (len("partition-id") + 8) if entry["round"] == 1 else 0
+        assert entry["bytes_up"] == 3 * (payload + metrics) + query
+        assert entry["bytes_down"] == 3 * (payload + config_down)
     assert results["total_bytes"] == sum(r["bytes_up"] + r["bytes_down"] for r in results["rounds"])
 
 
-def test_same_seed_same_run_different_seed_different_run(fedtt_run, tmp_path):
-    results, out = fedtt_run
-    again = run(fast_config("federation.rounds=4", "federation.partition=iid"), tmp_path / "again")
-    other = run(fast_config("federation.rounds=4", "federation.partition=iid", "seed=1"), tmp_path / "other")
+def test_the_selected_round_is_the_validation_argmax(spam_run):
+    results, _ = spam_run
+    rounds = results["rounds"]
+    best = max(r["validation"]["accuracy"] for r in rounds)
+    first = next(r for r in rounds if r["validation"]["accuracy"] == best)
+    assert results["selected"]["round"] == first["round"]
+    assert results["selected"]["test"] == first["eval"] and results["selected"]["validation"] == first["validation"]
+    assert results["final"] == rounds[-1]["eval"]
+    fake = [{"round": 1, "validation": {"loss": 0.5}, "eval": {"loss": 9}},
+            {"round": 2, "validation": {"loss": 0.2}, "eval": {"loss": 9}},
+            {"round": 3, "validation": {"loss": 0.2}, "eval": {"loss": 0}}]
+    assert select(fake, "loss", higher=False)["round"] == 2  # lower is better; ties: the earliest
 
+
+def test_changing_the_test_labels_changes_no_choice(tmp_path, monkeypatch):
+    base = config("method='lora'", "federation.rounds=3", "federation.local_steps=4", "federation.lr=1e-2")
+    plain = run(base, tmp_path / "plain")
+    real = task_module.load_task
+
+    def flipped(*args, **kwargs):
+        data = real(*args, **kwargs)
+        data.test = data.test.map(lambda row: {"label": 1 - row["label"]})
+        return data
+
+    monkeypatch.setattr(task_module, "load_task", flipped)
+    task_module._build_experiment.cache_clear()
+    other = run(base, tmp_path / "flipped")
+    task_module._build_experiment.cache_clear()
+    assert other["selected"]["round"] == plain["selected"]["round"]
+    assert [r["validation"] for r in other["rounds"]] == [r["validation"] for r in plain["rounds"]]
+    assert [r["eval"]["accuracy"] for r in other["rounds"]] == pytest.approx(
+        [1 - r["eval"]["accuracy"] for r in plain["rounds"]])
+
+
+def test_same_seeds_same_run_and_the_data_seed_is_separate(tmp_path):
     def metrics(r):
-        return [(x["eval"], x["train_loss"], x["bytes_up"]) for x in r["rounds"]]
+        return [(x["validation"], x["eval"], x["train_loss"], x["bytes_up"]) for x in r["rounds"]]
 
-    assert metrics(again) == metrics(results)
-    assert metrics(other) != metrics(results)
-    a, b = load_file(out / "adapter/adapter.safetensors"), load_file(tmp_path / "again/adapter/adapter.safetensors")
-    c = load_file(tmp_path / "other/adapter/adapter.safetensors")
+    first = run(config("federation.rounds=2", "federation.partition='dirichlet'"), tmp_path / "a")
+    again = run(config("federation.rounds=2", "federation.partition='dirichlet'"), tmp_path / "b")
+    training = run(config("federation.rounds=2", "federation.partition='dirichlet'", "seed=1", "data_seed=0"),
+                   tmp_path / "c")
+    data = run(config("federation.rounds=2", "federation.partition='dirichlet'", "data_seed=1"), tmp_path / "d")
+    assert metrics(again) == metrics(first)
+    a, b = (load_file(tmp_path / d / "adapter/adapter_model.safetensors") for d in "ab")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert not all(torch.equal(a[k], c[k]) for k in a)
+    # another training seed: the same split and clients, another init and batches
+    assert training["client_label_histograms"] == first["client_label_histograms"]
+    assert metrics(training) != metrics(first)
+    # another data seed: other clients
+    assert data["client_label_histograms"] != first["client_label_histograms"] and data["seed"] == 0
+
+
+def test_a_library_run_leaves_the_global_rngs_alone(tmp_path):
+    torch.manual_seed(123)
+    np.random.seed(123)
+    expected = (torch.rand(3), np.random.rand(3))
+    torch.manual_seed(123)
+    np.random.seed(123)
+    run(config("federation.rounds=1"), tmp_path)
+    assert torch.equal(torch.rand(3), expected[0]) and np.array_equal(np.random.rand(3), expected[1])
 
 
 def test_cross_device_200_clients_10_per_round(tmp_path):
-    results = run(fast_config("federation.num_clients=200", "federation.clients_per_round=10", "federation.rounds=2",
-                              "federation.partition=iid", "federation.local_steps=2"), tmp_path)
+    results = run(config("federation.num_clients=200", "federation.clients_per_round=10", "federation.rounds=2",
+                         "federation.local_steps=1"), tmp_path)
     per_client = results["trainable_params"]
     assert [r["clients"] for r in results["rounds"]] == [10, 10]
     assert all(len(set(r["partitions"])) == 10 and set(r["partitions"]) <= set(range(200)) for r in results["rounds"])
     assert results["rounds"][0]["partitions"] != results["rounds"][1]["partitions"]
     assert all(r["params_up"] == 10 * per_client for r in results["rounds"])
-    # round 1 also asked each of the 200 nodes once for its partition id (counted: an empty request, an int back)
+    # round 1 also asked each of the 200 nodes once for its partition id (an empty query, an int back)
     assert results["rounds"][0]["bytes_down"] == results["rounds"][1]["bytes_down"]
-    assert results["rounds"][0]["bytes_up"] - results["rounds"][1]["bytes_up"] >= 200 * len("partition-id")
+    assert results["rounds"][0]["bytes_up"] - results["rounds"][1]["bytes_up"] == 200 * (len("partition-id") + 8)
     assert results["clients_per_round"] == 10 and len(results["client_label_histograms"]) == 200
 
 
 def corrupting_client_app(corrupt):
-    """The real ClientApp, with partition 1's reply tampered with by ``corrupt(arrays)`` before it leaves."""
+    """The real ClientApp, with partition 1's update tampered with by ``corrupt(update)`` before it leaves."""
     app = ClientApp()
 
     @app.train()
     def train(msg, context):
         reply = real_client.train(msg, context)
         if context.node_config["partition-id"] == 1:
-            arrays = reply.content["arrays"]
-            tampered = corrupt({k: arrays[k].numpy() for k in arrays})
-            reply.content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in tampered.items()}),
-                                        "metrics": reply.content["metrics"]})
+            update = unpack(reply.content["arrays"], reply.content["wire"])
+            arrays, index = pack(corrupt(update), "float32")
+            reply.content = RecordDict({"arrays": arrays, "wire": index, "metrics": reply.content["metrics"]})
         return reply
 
+    for action in ("partition", "synced"):
+        app.query(action)(getattr(real_client, action))
     return app
 
 
-def first_wrong_shape(arrays):
-    name = next(iter(arrays))
-    return {**arrays, name: np.zeros(3, dtype=np.float32)}
+def first_wrong_shape(update):
+    name = next(iter(update))
+    return {**update, name: np.zeros(3, dtype=np.float32)}
 
 
-def last_nan(arrays):
-    name = list(arrays)[-1]
-    return {**arrays, name: np.full_like(arrays[name], np.nan)}
+def last_nan(update):
+    name = list(update)[-1]
+    return {**update, name: np.full_like(update[name], np.nan)}
 
 
-@pytest.mark.parametrize("corrupt, reason", [(first_wrong_shape, "expected float32"), (last_nan, "non-finite")])
+@pytest.mark.parametrize("corrupt, reason", [(first_wrong_shape, "has shape (3,)"), (last_nan, "non-finite")])
 def test_a_bad_reply_is_dropped_logged_and_the_run_continues(corrupt, reason, tmp_path, caplog):
-    config = fast_config("federation.rounds=2", "federation.local_steps=2", "federation.partition=iid")
+    cfg = config("federation.rounds=2", "federation.local_steps=1")
     with caplog.at_level(logging.WARNING, logger="fedtt"):
         run_inprocess(server_app, corrupting_client_app(corrupt), num_nodes=3,
-                      run_config=run_config_for(config, str(tmp_path)))
+                      run_config=run_config_for(cfg, str(tmp_path)))
     results = json.loads((tmp_path / "results.json").read_text())
     assert [r["clients"] for r in results["rounds"]] == [2, 2]
     assert all(len(r["dropped"]) == 1 and reason in r["dropped"][0]["reason"] for r in results["rounds"])
     assert sum("dropped the reply of node 1001" in m for m in caplog.messages) == 2
-    assert results["rounds"][0]["params_up"] == 2 * results["trainable_params"]
+    # what came up is counted, the dropped reply included: its values as well as its bytes
+    sent = results["rounds"][1]["params_up"]
+    assert sent == 3 * results["trainable_params"] if corrupt is last_nan else sent < 3 * results["trainable_params"]
 
 
-def test_check_reply_names_each_problem():
-    expected = {"a": (2, 3), "b": (4,)}
+def test_a_run_in_which_every_client_fails_exits_non_zero_with_their_error(tmp_path, capsys):
+    argv = ["run", "--out", str(tmp_path / "run"), "--set", "federation.rounds=2"] + [
+        a for o in FAST + ["privacy.dp=true", "privacy.noise_multiplier=0.3", "privacy.target_epsilon=0.01"]
+        for a in ("--set", o)]
+    assert main(argv) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the log lines: the one-line verdict
+    assert last.startswith("fedtt: the run did not train: ") and "privacy budget exhausted" in last, last
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["status"] == "failed" and "privacy budget exhausted" in results["error"]
+    assert all(r["clients"] == 0 and len(r["dropped"]) == 3 for r in results["rounds"])
 
-    def reply(arrays, examples=10):
-        return RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-                           "metrics": MetricRecord({"train_loss": 0.1, "num-examples": examples})})
 
-    good = {"a": np.ones((2, 3), np.float32), "b": np.ones(4, np.float32)}
-    assert check_reply(reply(good), expected) is None
-    assert "missing ['b']" in check_reply(reply({"a": good["a"]}), expected)
-    assert "unknown ['c']" in check_reply(reply({**good, "c": good["b"]}), expected)
-    assert "float64" in check_reply(reply({**good, "b": np.ones(4)}), expected)
-    assert "non-finite" in check_reply(reply({**good, "b": np.array([1, np.inf, 0, 0], np.float32)}), expected)
-    assert "num-examples is 0" in check_reply(reply(good, examples=0), expected)
-    bad_loss = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in good.items()}),
-                           "metrics": MetricRecord({"train_loss": float("nan"), "num-examples": 3})})
-    assert "train_loss is nan" in check_reply(bad_loss, expected)
-    assert "lacks" in check_reply(RecordDict({"arrays": ArrayRecord()}), expected)
+def test_a_run_whose_clients_all_raise_fails_with_the_first_error(tmp_path):
+    app = ClientApp()
+
+    @app.train()
+    def broken(msg, context):
+        raise RuntimeError("the GPU caught fire")
+
+    app.query("partition")(real_client.partition)
+    cfg = config("federation.rounds=1")
+    run_inprocess(server_app, app, num_nodes=3, run_config=run_config_for(cfg, str(tmp_path)))
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["status"] == "failed" and "the GPU caught fire" in results["error"]
+    assert results["rounds"][0]["dropped"][0]["reason"].startswith("client failed")
+
+
+def test_local_epochs_see_each_example_once_per_epoch():
+    generator = torch.Generator().manual_seed(0)
+    one = local_batches(10, steps=0, epochs=1, batch_size=4, generator=generator)
+    assert [len(b) for b in one] == [4, 4, 2] and sorted(i for b in one for i in b) == list(range(10))
+    two = local_batches(10, steps=0, epochs=2, batch_size=4, generator=generator)
+    assert [len(b) for b in two] == [4, 4, 2, 4, 4, 2]
+    for epoch in (two[:3], two[3:]):
+        assert sorted(i for b in epoch for i in b) == list(range(10))
+    steps = local_batches(10, steps=5, epochs=0, batch_size=4, generator=generator)
+    assert [len(b) for b in steps] == [4] * 5
+    assert [len(b) for b in local_batches(3, steps=2, epochs=0, batch_size=8, generator=generator)] == [3, 3]
+
+
+def test_the_learning_rate_schedule():
+    def lrs(*overrides):
+        cfg = load_config(None, ["federation.lr=1.0", "federation.rounds=5", *overrides])
+        return [round(learning_rate(cfg, t), 6) for t in range(1, 6)]
+
+    assert lrs() == [1.0] * 5
+    assert lrs("federation.lr_schedule='linear'") == [1.0, 0.8, 0.6, 0.4, 0.2]
+    assert lrs("federation.warmup_rounds=2", "federation.lr_schedule='linear'") == [0.333333, 0.666667, 1.0,
+                                                                                    0.666667, 0.333333]
+    cosine = lrs("federation.lr_schedule='cosine'")
+    assert cosine[0] == 1.0 and cosine == sorted(cosine, reverse=True) and cosine[-1] > 0
+
+
+def test_settings_that_can_never_work_are_refused_at_load():
+    with pytest.raises(ValueError, match="federation.min_replies = 10 can never be met with 3 clients"):
+        load_config(None, ["federation.min_replies=10"])
+    with pytest.raises(ValueError, match="federation.weight_decay = -1"):
+        load_config(None, ["federation.weight_decay=-1"])

@@ -15,10 +15,11 @@ from fedtt.config import load_config
 from fedtt.federated.checkpoint import FILE as CHECKPOINT
 from fedtt.run import run
 
-FAST = ["model.num_hidden_layers=2", "model.max_length=32", "task.max_eval_examples=100",
+FAST = ["model.num_hidden_layers=2", "model.max_length=32", "task.max_eval_examples=60",
         "federation.batch_size=8", "federation.local_steps=2", "federation.partition=iid"]
-SETUPS = {"fedtt+ adaptive": ["method=fedtt+", "freezing.policy=adaptive"],
-          "cross-device": ["federation.num_clients=6", "federation.clients_per_round=2"]}
+SETUPS = {"fedtt+ adaptive": ["method=fedtt+", "freezing.policy=adaptive", "freezing.patience=1"],
+          "cross-device": ["federation.num_clients=6", "federation.clients_per_round=2"],
+          "dp": ["privacy.dp=true", "privacy.noise_multiplier=1.0", "privacy.target_epsilon=20.0"]}
 
 
 # The first resumed round re-sends FedTT+ tensors that nodes lost with their process and asks cross-device nodes
@@ -27,7 +28,7 @@ RESYNC = ("params_down", "bytes_down", "bytes_up")
 
 
 def _comparable(results: dict) -> dict:
-    rounds = [{k: v for k, v in r.items() if k not in RESYNC} for r in results["rounds"]]
+    rounds = [{k: v for k, v in r.items() if k not in (*RESYNC, "seconds")} for r in results["rounds"]]
     return {**{k: v for k, v in results.items() if k not in ("wall_seconds", "total_bytes")}, "rounds": rounds}
 
 
@@ -43,8 +44,11 @@ def test_a_run_extended_from_its_checkpoint_equals_an_uninterrupted_run(tmp_path
         assert [r[key] for r in resumed["rounds"][:2]] == [r[key] for r in whole["rounds"][:2]], key
         assert resumed["rounds"][2][key] >= whole["rounds"][2][key], key
     assert resumed["wall_seconds"] >= part["wall_seconds"]
-    a, b = (load_file(tmp_path / d / "adapter" / "adapter.safetensors") for d in ("whole", "part"))
+    a, b = (load_file(tmp_path / d / "adapter" / "adapter_model.safetensors") for d in ("whole", "part"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if "privacy" in whole:  # every client's epsilon is the whole run's, as if it had not stopped
+        assert resumed["privacy"]["epsilon"] == whole["privacy"]["epsilon"]
+        assert [r["epsilon"] for r in resumed["rounds"]] == [r["epsilon"] for r in whole["rounds"]]
 
 
 def test_resume_refuses_what_would_not_continue_the_same_run(tmp_path):
@@ -54,7 +58,7 @@ def test_resume_refuses_what_would_not_continue_the_same_run(tmp_path):
     run(config, tmp_path)
     with pytest.raises(ValueError, match=r"already finished 1 of 1 rounds; pass --set federation.rounds=N"):
         run(config, tmp_path, resume=True)
-    with pytest.raises(ValueError, match=r"config changed in federation.lr \(0.0005 -> 0.5\)"):
+    with pytest.raises(ValueError, match=r"config changed in federation.lr \(0.003 -> 0.5\)"):
         run(load_config(None, FAST + ["federation.rounds=2", "federation.lr=0.5"]), tmp_path, resume=True)
     (tmp_path / CHECKPOINT).write_bytes(b"\x00" * 64)
     with pytest.raises(ValueError, match="is damaged"):
@@ -80,4 +84,4 @@ def test_a_killed_fedtt_run_resumes_from_the_command_line(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert [r["round"] for r in results["rounds"]] == [1, 2, 3]
     assert results["rounds"][0] == done[0]  # kept, not redone
-    assert (out / "adapter" / "adapter.safetensors").is_file()
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()

@@ -9,7 +9,8 @@ from .adapters import (
                        save_adapter,
                        trainable_state_dict,
 )
+from .pretrained import load_pretrained
 
-__version__ = "0.1.0"
-__all__ = ["AdapterConfig", "adapter_state_dict", "inject", "load_adapter", "load_trainable_state_dict",
-           "save_adapter", "trainable_state_dict"]
+__version__ = "0.2.0"
+__all__ = ["AdapterConfig", "adapter_state_dict", "inject", "load_adapter", "load_pretrained",
+           "load_trainable_state_dict", "save_adapter", "trainable_state_dict"]

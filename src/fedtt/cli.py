@@ -1,4 +1,4 @@
-"""``fedtt`` command line: run, predict, info."""
+"""``fedtt`` command line: run, compare, tune, predict, generate, deploy-local, info."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ EXAMPLES = """examples:
   fedtt run --config configs/demo.toml --out runs/demo
   fedtt run --set method=lora --set federation.rounds=5 --out runs/lora
   fedtt run --out runs/demo --resume                      # continue a killed run
-  fedtt compare --config configs/demo.toml --quick --out runs/compare
+  fedtt compare --config configs/demo.toml --quick --seeds 0,1,2 --out runs/compare
+  fedtt tune --config configs/demo.toml --quick --methods fedtt,lora --grid federation.lr=1e-3,3e-3 --out runs/tune
   fedtt predict --adapter runs/demo/adapter --text "a gripping, beautifully acted film"
+  fedtt generate --adapter runs/smollm2/adapter --prompt "Question: Who wrote Hamlet?"
   fedtt deploy-local --config configs/demo.toml --nodes 3 --set federation.rounds=2 --out runs/deploy
 """
 
@@ -26,39 +28,74 @@ def cmd_run(args) -> None:
     base = args.config or (Path(out) / "config.toml" if args.resume else None)  # resume: the run's own config
     config = load_config(base, args.set)
     results = run(config, out, overwrite=args.overwrite, resume=args.resume)
-    final = results.get("final", {})
-    print(f"done: final accuracy {final.get('accuracy', float('nan')):.4f}, best "
-          f"{results['best']['accuracy']:.4f} (round {results['best']['round']}), "
+    metric, final, selected = results["selection"]["metric"], results["final"], results["selected"]
+    print(f"done: test {metric} {final[metric]:.4f} at the final round, {selected['test'][metric]:.4f} at round "
+          f"{selected['round']} (best validation {metric} {selected['validation'][metric]:.4f}); "
           f"{results['total_bytes'] / 1e6:.2f} MB communicated, {results['wall_seconds']:.0f} s; outputs in {out}/")
 
 
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds {text!r} is not a comma-separated list of integers (e.g. 0,1,2)") from None
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ValueError(f"--seeds {text!r}: give distinct non-negative integers, e.g. 0,1,2")
+    return seeds
+
+
 def cmd_compare(args) -> None:
-    from .compare import compare
+    from .compare import compare, read_tuned
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     out = args.out or f"runs/compare-{Path(args.config).stem if args.config else 'default'}"
-    runs = compare(args.config, args.set, methods, out, quick=args.quick, overwrite=args.overwrite)
+    tuned = read_tuned(args.tuned) if args.tuned else None
+    runs = compare(args.config, args.set, methods, out, quick=args.quick, overwrite=args.overwrite,
+                   seeds=_seeds(args.seeds), tuned=tuned)
     print((Path(out) / "comparison.md").read_text())
     print(f"{len(runs)} runs; outputs in {out}/ (comparison.md, comparison.csv, comparison.png)")
 
 
+def cmd_tune(args) -> None:
+    from .compare import parse_grid, tune
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    out = args.out or f"runs/tune-{Path(args.config).stem if args.config else 'default'}"
+    chosen = tune(args.config, args.set, methods, parse_grid(args.grid), out, quick=args.quick,
+                  overwrite=args.overwrite, seeds=_seeds(args.seeds))
+    print((Path(out) / "tune.md").read_text())
+    for method, values in chosen.items():
+        print(f"{method}: {' '.join(values)}")
+    print(f"outputs in {out}/ (tune.md, tune.csv, tuned.json: `fedtt compare --tuned {out}`)")
+
+
+def _texts(values: list[str] | None, path: str | None, what: str) -> list[str]:
+    texts = list(values or [])
+    if path:
+        file = Path(path)
+        if not file.is_file():
+            raise FileNotFoundError(f"--file {path}: no such file (one {what} per line)")
+        texts += [line for line in file.read_text().splitlines() if line.strip()]
+    if not texts:
+        raise ValueError(f"give at least one {what}: --{what} TEXT (repeatable) or --file FILE (one per line)")
+    return texts
+
+
 def cmd_predict(args) -> None:
-    import torch
+    from .pretrained import load_pretrained
 
-    from .adapters import load_adapter, read_adapter_config
-    from .models import load_backbone
+    model = load_pretrained(args.adapter, device=args.device)
+    for text, (label, probability) in zip(texts := _texts(args.text, args.file, "text"), model.classify(texts)):
+        print(f"{label}\t{probability:.3f}\t{text}")
 
-    saved = read_adapter_config(args.adapter)
-    labels = saved["label_names"]
-    model, tokenizer = load_backbone(saved["model"], num_labels=len(labels),
-                                     num_hidden_layers=saved.get("num_hidden_layers", 0))
-    load_adapter(model, args.adapter)
-    batch = tokenizer(args.text, padding=True, truncation=True, max_length=saved.get("max_length", 64),
-                      return_tensors="pt")
-    with torch.no_grad():
-        probabilities = model.eval()(**batch).logits.softmax(-1)
-    for text, p in zip(args.text, probabilities):
-        print(f"{labels[int(p.argmax())]}\t{p.max():.3f}\t{text}")
+
+def cmd_generate(args) -> None:
+    from .pretrained import load_pretrained
+
+    model = load_pretrained(args.adapter, device=args.device)
+    prompts = _texts(args.prompt, args.file, "prompt")
+    for prompt, answer in zip(prompts, model.generate(prompts, max_new_tokens=args.max_new_tokens)):
+        print(f"{prompt}\t{answer}")
 
 
 def cmd_deploy_local(args) -> None:
@@ -120,22 +157,45 @@ def main(argv: list[str] | None = None) -> int:
 
     from .compare import DEFAULT_METHODS
 
-    p = commands.add_parser("compare", help="run several methods on one config and compare them")
-    p.add_argument("--config", help="experiment TOML shared by every method")
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                   help="comma-separated: fedtt, fedtt+[:fixed|cyclic|adaptive], lora, ffa-lora, centralized "
-                        "(default: %(default)s)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    p.add_argument("--quick", action="store_true",
-                   help="a few-minute-per-method profile: 5 rounds, 48-token sequences, 500 test examples")
-    p.add_argument("--out", help="output directory (default: runs/compare-<config name>)")
-    p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
-    p.set_defaults(func=cmd_compare)
+    for name in ("compare", "tune"):
+        p = commands.add_parser(name, help="run several methods on one config and compare them, over seeds"
+                                if name == "compare" else "choose each method's settings on validation: a grid "
+                                "per method over seeds")
+        p.add_argument("--config", help="experiment TOML shared by every method")
+        p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                       help="comma-separated: fedtt, fedtt+[:fixed|cyclic|adaptive], lora, ffa-lora, "
+                            "centralized[:fedtt|lora|ffa-lora] (default: %(default)s)")
+        p.add_argument("--seeds", default="0", help="comma-separated training seeds, e.g. 0,1,2 (the data seed "
+                                                    "follows unless the config sets data_seed; default: 0)")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+        p.add_argument("--quick", action="store_true",
+                       help="a few-minute-per-method profile: 5 rounds, 48-token sequences, 500 validation and "
+                            "500 test examples")
+        p.add_argument("--out", help=f"output directory (default: runs/{name}-<config name>)")
+        p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+        if name == "compare":
+            p.add_argument("--tuned", metavar="DIR", help="each method's settings chosen by `fedtt tune --out DIR`")
+            p.set_defaults(func=cmd_compare)
+        else:
+            p.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2",
+                           help="values to try for a config key (repeatable: the grid is their product)")
+            p.set_defaults(func=cmd_tune)
 
-    p = commands.add_parser("predict", help="classify texts with an exported adapter")
+    p = commands.add_parser("predict", help="classify texts with a run's adapter (classification, or a templated "
+                                            "instruction task by label likelihood)")
     p.add_argument("--adapter", required=True, help="the adapter/ directory of a run")
-    p.add_argument("--text", required=True, action="append", help="text to classify (repeatable)")
+    p.add_argument("--text", action="append", help="text to classify (repeatable)")
+    p.add_argument("--file", help="a file of texts, one per line")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
     p.set_defaults(func=cmd_predict)
+
+    p = commands.add_parser("generate", help="generate answers with a decoder run's adapter (greedy)")
+    p.add_argument("--adapter", required=True, help="the adapter/ directory of an instruction-tuning run")
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    p.add_argument("--file", help="a file of prompts, one per line")
+    p.add_argument("--max-new-tokens", type=int, help="default: the run's task.max_new_tokens")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    p.set_defaults(func=cmd_generate)
 
     p = commands.add_parser("deploy-local", help="run on Flower's deployment engine on this machine (TLS, "
                                                  "SuperNode authentication): see docs/deployment.md")
@@ -158,16 +218,26 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # force: a library imported earlier (Opacus does at import) may have configured the root logger already
+    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     if not args.verbose:
         for noisy in ("flwr", "transformers", "datasets", "httpx"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
+    from .run import RunFailed
+
     try:
         args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"fedtt: error: {err}", file=sys.stderr)
+        print(f"fedtt: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except RunFailed as err:
+        print(f"fedtt: the run did not train: {_one_line(err)}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())
 
 
 if __name__ == "__main__":

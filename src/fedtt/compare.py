@@ -1,46 +1,135 @@
-"""``compare``: several methods on one config (same data, splits, seed and local steps), side by side.
+"""``compare`` and ``tune``: several methods on one config (same data, splits, budget), side by side, over seeds.
 
-Method specs: ``fedtt``, ``fedtt+`` (default policy) or ``fedtt+:<policy>`` (fixed, cyclic, adaptive),
-``lora``, ``ffa-lora``, and ``centralized``: FedTT with one client holding all the training data, trained
-for ``num_clients x local_steps`` steps per round so it does the same work per round: the reference ceiling.
+Method specs: ``fedtt``, ``fedtt+`` (default policy) or ``fedtt+:<policy>`` (fixed, cyclic, adaptive), ``lora``,
+``ffa-lora``, and ``centralized`` (= ``centralized:fedtt``) or ``centralized:<method>``: that method with one
+client holding all the training data, trained for ``num_clients x local_steps`` steps per round so it does the
+same work per round: the reference ceiling. Each method runs with its own defaults (``fedtt.defaults``) unless
+the config or ``--set`` fixes a key for all, or a tuning result (``--tuned``) gives its chosen values.
+
+``tune`` runs a grid of values per method over seeds and picks, per method, the values with the best mean
+*validation* metric at the validation-selected round; test numbers are never read.
 """
 
 from __future__ import annotations
 
+import itertools
+import json
+import statistics
 from pathlib import Path
 
 from .config import POLICIES, load_config
+from .files import atomic_write
 from .report import write_comparison
 from .run import run
 
 DEFAULT_METHODS = ("fedtt", "fedtt+", "lora", "ffa-lora", "centralized")
-# A few-minute look per method on 2 CPU cores: 5 rounds, short sequences, a 500-example test subset.
+# A few-minute look per method on 2 CPU cores: 5 rounds, short sequences, 500 validation and test examples.
 # (Truncating MiniLM to 2 layers is faster but learns Rotten Tomatoes too slowly to tell methods apart.)
 QUICK = ("model.max_length=48", "federation.rounds=5", "task.max_eval_examples=500")
+TUNED_FILE = "tuned.json"
 
 
 def method_overrides(spec: str, base_clients: int, base_steps: int) -> list[str]:
-    if spec == "centralized":
-        return ["method=fedtt", "federation.num_clients=1", "federation.clients_per_round=0",
-                "federation.partition=iid", f"federation.local_steps={base_clients * base_steps}"]
-    method, _, policy = spec.partition(":")
-    if policy and (method != "fedtt+" or policy not in POLICIES):
+    method, _, option = spec.partition(":")
+    if method == "centralized":
+        inner = option or "fedtt"
+        if inner not in ("fedtt", "lora", "ffa-lora"):
+            raise ValueError(f"method spec {spec!r} is not valid; centralized runs fedtt, lora or ffa-lora")
+        return [f"method={inner}", "federation.num_clients=1", "federation.clients_per_round=0",
+                "federation.partition=iid", "federation.min_replies=1",
+                f"federation.local_steps={base_clients * base_steps}"]
+    if option and (method != "fedtt+" or option not in POLICIES):
         raise ValueError(f"method spec {spec!r} is not valid; policies go with fedtt+ only: "
                          f"{', '.join('fedtt+:' + p for p in POLICIES)}")
-    return [f"method={method}"] + ([f"freezing.policy={policy}"] if policy else [])
+    return [f"method={method}"] + ([f"freezing.policy={option}"] if option else [])
+
+
+def run_dir(out_dir: Path, spec: str, seed: int, seeds: list[int]) -> Path:
+    name = spec.replace(":", "-").replace("+", "plus")
+    return out_dir / name if len(seeds) == 1 else out_dir / name / f"seed-{seed}"
 
 
 def compare(config_path: str | None, overrides: list[str], methods: list[str], out_dir: str | Path,
-            quick: bool = False, overwrite: bool = False) -> list[dict]:
-    out_dir = Path(out_dir)
+            quick: bool = False, overwrite: bool = False, seeds: list[int] = (0,),
+            tuned: dict[str, list[str]] | None = None) -> list[dict]:
+    """Every method on every seed; writes comparison.{md,csv,png} and returns the runs' results."""
+    out_dir, seeds = Path(out_dir), list(seeds)
     base_overrides = [*(QUICK if quick else ()), *overrides]
     base = load_config(config_path, base_overrides)  # validates the shared part once, before any run
-    configs = {spec: load_config(config_path, base_overrides + method_overrides(
-        spec, base.federation.num_clients, base.federation.local_steps)) for spec in methods}
+    plans = {}
+    for spec in methods:
+        extra = method_overrides(spec, base.federation.num_clients, base.federation.local_steps)
+        extra += (tuned or {}).get(spec, [])
+        for seed in seeds:  # every config is validated before the first run starts
+            plans[spec, seed] = load_config(config_path, base_overrides + extra + [f"seed={seed}"])
     runs = []
-    for spec, config in configs.items():
-        print(f"== {spec} ==", flush=True)
-        results = run(config, out_dir / spec.replace(":", "-").replace("+", "plus"), overwrite=overwrite)
+    for (spec, seed), config in plans.items():
+        print(f"== {spec} (seed {seed}) ==", flush=True)
+        results = run(config, run_dir(out_dir, spec, seed, seeds), overwrite=overwrite)
         runs.append({**results, "label": spec})
     write_comparison(runs, out_dir)
     return runs
+
+
+def parse_grid(assignments: list[str]) -> dict[str, list[str]]:
+    """``["federation.lr=1e-3,3e-3", ...]`` -> ``{"federation.lr": ["1e-3", "3e-3"]}``."""
+    grid = {}
+    for assignment in assignments:
+        key, sep, values = assignment.partition("=")
+        if not sep or not key.strip() or not values.strip():
+            raise ValueError(f"--grid {assignment!r} is not of the form key=v1,v2,... (e.g. federation.lr=1e-3,3e-3)")
+        grid[key.strip()] = [v.strip() for v in values.split(",") if v.strip()]
+    return grid
+
+
+def tune(config_path: str | None, overrides: list[str], methods: list[str], grid: dict[str, list[str]],
+         out_dir: str | Path, quick: bool = False, overwrite: bool = False, seeds: list[int] = (0,)) -> dict:
+    """For each method, every grid point on every seed; the chosen point per method is the one with the best mean
+    validation metric (at each run's validation-selected round). Writes tune.md, tune.csv and tuned.json."""
+    out_dir = Path(out_dir)
+    points = [list(zip(grid, values)) for values in itertools.product(*grid.values())]
+    table, chosen = [], {}
+    for spec in methods:
+        scored = []
+        for point in points:
+            assignment = [f"{k}={v}" for k, v in point]
+            name = spec + "".join(f"@{k.split('.')[-1]}={v}" for k, v in point)
+            runs = compare(config_path, overrides + assignment, [spec], out_dir / name.replace("+", "plus").replace(
+                ":", "-"), quick=quick, overwrite=overwrite, seeds=seeds)
+            metric = runs[0]["selection"]["metric"]
+            higher = runs[0]["selection"]["higher_is_better"]
+            values = [r["selected"]["validation"][metric] for r in runs if r.get("selected")]
+            mean = statistics.fmean(values)
+            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            scored.append((mean if higher else -mean, assignment))
+            table.append({"method": spec, **dict(point), "metric": metric, "validation_mean": mean,
+                          "validation_std": std, "n": len(values)})
+        chosen[spec] = max(scored, key=lambda s: s[0])[1]
+    for row in table:
+        row["chosen"] = [f"{k}={row[k]}" for k in grid] == chosen[row["method"]]
+    _write_tune(out_dir, grid, table, chosen)
+    return chosen
+
+
+def _write_tune(out_dir: Path, grid: dict, table: list[dict], chosen: dict) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    columns = ["method", *grid, "metric", "validation_mean", "validation_std", "n", "chosen"]
+    lines = [",".join(columns)] + [",".join(str(row[c]) for c in columns) for row in table]
+    atomic_write(out_dir / "tune.csv", "\n".join(lines) + "\n")
+    md = ["| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 1)]
+    for row in table:
+        cells = [row["method"], *(str(row[k]) for k in grid), row["metric"],
+                 f"{row['validation_mean']:.4f}", f"{row['validation_std']:.4f}", str(row["n"]),
+                 "**chosen**" if row["chosen"] else ""]
+        md.append("| " + " | ".join(cells) + " |")
+    atomic_write(out_dir / "tune.md", "# Tuning (validation only)\n\n" + "\n".join(md) + "\n")
+    atomic_write(out_dir / TUNED_FILE, json.dumps(chosen, indent=2) + "\n")
+
+
+def read_tuned(path: str | Path) -> dict[str, list[str]]:
+    """A tuning result (``<tune out>/tuned.json`` or its directory): method spec -> its chosen ``key=value``s."""
+    path = Path(path)
+    path = path / TUNED_FILE if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"no tuning result at {path}: pass the --out directory of `fedtt tune`")
+    return json.loads(path.read_text())

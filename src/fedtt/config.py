@@ -1,124 +1,250 @@
-"""Experiment configuration: one TOML file, validated on load, ``--set key=value`` overrides.
+"""Experiment configuration: one TOML file, validated on load (pydantic), ``--set key=value`` overrides.
 
-Every section is a dataclass; unknown keys and values of the wrong type are one-line errors that name the
-key. The resolved config is written next to the results, so a run can be repeated from its output.
+Every section is a strict pydantic model: unknown keys (with a "did you mean"), wrong types (list elements
+too), out-of-range values and impossible combinations are one-line ``ValueError``s that name the key, raised
+before anything runs or is written. Keys the user leaves out that differ per method (``fedtt.defaults``) take
+the method's value. The resolved config is written next to the results, so a run can be repeated from its output.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
-from dataclasses import dataclass, field
-from pathlib import Path
+import difflib
+import math
+import tomllib
+from typing import Annotated, Literal
 
 import tomli_w
-import tomllib
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .adapters import AdapterConfig
+from .defaults import METHOD_DEFAULTS
 
 METHODS = ("fedtt", "fedtt+", "lora", "ffa-lora")
-PARTITIONS = ("iid", "dirichlet", "label_skew")
-ENGINES = ("inprocess", "flower-sim")
 POLICIES = ("fixed", "cyclic", "adaptive")
+NonNegativeInt = Annotated[int, Field(ge=0)]
+PositiveInt = Annotated[int, Field(ge=1)]
+PositiveFloat = Annotated[float, Field(gt=0.0)]
+NonNegativeFloat = Annotated[float, Field(ge=0.0)]
+Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
 
 
-@dataclass
-class ModelConfig:
-    name: str = "minilm"            # bundled (minilm, smollm2), a local directory, or a hub id
-    num_hidden_layers: int = 0      # > 0: keep only the first N pretrained layers (fast experiments)
-    max_length: int = 64            # tokens per example
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
-@dataclass
-class TaskConfig:
-    name: str = "rotten_tomatoes"   # bundled task, a CSV/JSONL/Parquet file, or a hub dataset
+class ModelConfig(Section):
+    name: str = "minilm"                     # bundled (minilm, smollm2), a local directory, or a hub id
+    num_hidden_layers: NonNegativeInt = 0    # > 0: keep only the first N pretrained layers (fast experiments)
+    max_length: Annotated[int, Field(ge=8)] = 48   # tokens per example (instruction: prompt + response)
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"           # auto: CUDA, else MPS, else CPU
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on a GPU that has it, else fp32
+    gradient_checkpointing: bool = False
+
+
+class TaskConfig(Section):
+    name: str = "rotten_tomatoes"    # bundled task, a CSV/TSV/JSONL/Parquet file, or a hub dataset
+    # classification: a head predicts the label; instruction: a causal LM learns prompt -> response (a
+    # labelled set becomes prompts through `template`, its labels the responses)
+    kind: Literal["classification", "instruction"] = "classification"
     text_column: str = "text"
     label_column: str = "label"
-    validation_fraction: float = 0.1
-    test_fraction: float = 0.2
-    max_train_examples: int = 0     # 0: all
-    max_eval_examples: int = 0      # 0: the whole test split is evaluated every round
+    prompt_column: str = "prompt"    # instruction files (the Alpaca layout instruction/input/output is recognised)
+    response_column: str = "response"
+    template: str = ""               # instruction from a labelled set, e.g. "Question: {text}"; "": the task's own
+    label_words: list[str] = []      # the response for each label, in label order; []: the task's own or its names
+    validation_fraction: Fraction = 0.1
+    test_fraction: Fraction = 0.2
+    max_train_examples: NonNegativeInt = 0   # 0: all
+    max_eval_examples: NonNegativeInt = 0    # caps validation and test each (a seeded subset); 0: whole splits
+    max_new_tokens: PositiveInt = 16         # instruction tasks: greedy generation length when evaluating
+    eval_batch_size: PositiveInt = 64
+
+    @model_validator(mode="after")
+    def _check(self) -> TaskConfig:
+        if self.validation_fraction + self.test_fraction >= 1:
+            raise ValueError(f"task.validation_fraction + task.test_fraction = "
+                             f"{self.validation_fraction + self.test_fraction:g} leaves no training data; keep it < 1")
+        if self.template and "{text}" not in self.template:
+            raise ValueError(f"task.template = {self.template!r} has no {{text}} placeholder; put {{text}} where "
+                             "the example goes")
+        return self
 
 
-@dataclass
-class FederationConfig:
-    num_clients: int = 3
-    clients_per_round: int = 0      # 0: every client every round (cross-silo); else a seeded sample
-    rounds: int = 10
-    local_steps: int = 10           # optimizer steps per client per round (ignored if local_epochs > 0)
-    local_epochs: int = 0
-    batch_size: int = 16
-    lr: float = 5e-4
-    weight_decay: float = 0.0
-    partition: str = "dirichlet"
-    alpha: float = 0.5              # Dirichlet concentration over labels
-    proportions: list = field(default_factory=list)  # label_skew: per-client label proportions
-    min_partition_size: int = 1
-    weighting: str = "examples"     # FedAvg weights: "examples" (n_c) or "uniform"
-    min_replies: int = 1            # a round is aggregated when at least this many valid replies arrived
-    round_timeout: float = 600.0    # seconds a round waits for replies (Flower engines); the round then
-                                    # goes on with those that arrived
-    engine: str = "inprocess"
+class FederationConfig(Section):
+    num_clients: PositiveInt = 3
+    clients_per_round: NonNegativeInt = 0    # 0: every client every round (cross-silo); else a seeded sample
+    rounds: PositiveInt = 10
+    local_steps: NonNegativeInt = 20         # optimizer steps per client per round (when local_epochs = 0)
+    local_epochs: NonNegativeInt = 0         # > 0: passes over the client's data per round instead
+    batch_size: PositiveInt = 16
+    lr: PositiveFloat | None = None          # None: the method's default (fedtt.defaults)
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"  # decay over the run, by round
+    warmup_rounds: NonNegativeInt = 0        # linear warm-up from lr / (warmup_rounds + 1)
+    weight_decay: NonNegativeFloat = 0.0     # AdamW's
+    clip_grad_norm: NonNegativeFloat = 0.0   # clip each local step's gradient norm; 0: off
+    partition: Literal["iid", "dirichlet", "label_skew"] = "dirichlet"
+    alpha: PositiveFloat = 0.5               # Dirichlet concentration over labels
+    proportions: list[list[NonNegativeFloat]] = []   # label_skew: per-client label shares, one row per client
+    min_partition_size: PositiveInt = 1
+    weighting: Literal["examples", "uniform"] = "examples"   # FedAvg weights: n_c or equal
+    min_replies: PositiveInt = 1             # a round is aggregated when at least this many valid replies arrive
+    # Flower engines: seconds the server waits for a round's replies, and at the first round for the nodes to
+    # connect; the round then goes on with the replies that arrived (in-process replies never wait).
+    round_timeout: PositiveFloat = 600.0
+    engine: Literal["inprocess", "flower-sim"] = "inprocess"
+    wire_dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # tensors on the wire, both directions
 
-
-@dataclass
-class FreezingConfig:
-    """FedTT+: which TT cores are trainable each round (policies and reasoning: federated/freezing.py)."""
-    policy: str = "adaptive"  # the best mean accuracy of the three in docs/results.md
-    cores: list = field(default_factory=lambda: [-1])  # fixed: trainable core indices; -1: the zero-init last core
-    cores_per_round: int = 1                    # cyclic: how many cores rotate in each round
-    period: int = 1                             # cyclic: rounds per step of the rotation
-    threshold: float = 0.5  # adaptive: freeze a core when its ||dG|| / ||G|| < threshold x the round's largest
-
-
-@dataclass
-class Config:
-    method: str = "fedtt"
-    seed: int = 0
-    model: ModelConfig = field(default_factory=ModelConfig)
-    task: TaskConfig = field(default_factory=TaskConfig)
-    adapter: AdapterConfig = field(default_factory=AdapterConfig)
-    federation: FederationConfig = field(default_factory=FederationConfig)
-    freezing: FreezingConfig = field(default_factory=FreezingConfig)
-
-    def __post_init__(self):
-        fed = self.federation
-        choices = {"method": (self.method, METHODS), "federation.partition": (fed.partition, PARTITIONS),
-                   "federation.engine": (fed.engine, ENGINES), "freezing.policy": (self.freezing.policy, POLICIES),
-                   "federation.weighting": (fed.weighting, ("examples", "uniform"))}
-        for key, (value, allowed) in choices.items():
-            if value not in allowed:
-                raise ValueError(f"{key} = {value!r} is not valid; use one of: {', '.join(allowed)}")
-        positive = {"federation.num_clients": fed.num_clients, "federation.rounds": fed.rounds,
-                    "federation.batch_size": fed.batch_size, "federation.min_replies": fed.min_replies,
-                    "model.max_length": self.model.max_length}
-        for key, value in positive.items():
-            if value < 1:
-                raise ValueError(f"{key} = {value} is not valid; use a positive integer")
-        if fed.local_steps < 1 and fed.local_epochs < 1:
+    @model_validator(mode="after")
+    def _check(self) -> FederationConfig:
+        if self.local_steps == 0 and self.local_epochs == 0:
             raise ValueError("federation.local_steps and federation.local_epochs are both 0; set one of them")
-        if not 0 <= fed.clients_per_round <= fed.num_clients:
-            raise ValueError(f"federation.clients_per_round = {fed.clients_per_round} is not valid; use 0 (all) "
-                             f"up to federation.num_clients = {fed.num_clients}")
-        if not fed.round_timeout > 0:
-            raise ValueError(f"federation.round_timeout = {fed.round_timeout} is not valid; use a positive "
-                             "number of seconds")
-        if fed.lr <= 0 or fed.alpha <= 0:
-            raise ValueError("federation.lr and federation.alpha must be positive")
+        if self.clients_per_round > self.num_clients:
+            raise ValueError(f"federation.clients_per_round = {self.clients_per_round} is more than "
+                             f"federation.num_clients = {self.num_clients}; use 0 (all) up to {self.num_clients}")
+        per_round = self.clients_per_round or self.num_clients
+        if self.min_replies > per_round:
+            raise ValueError(f"federation.min_replies = {self.min_replies} can never be met with {per_round} "
+                             f"clients per round; use at most {per_round}")
+        if self.warmup_rounds >= self.rounds:
+            raise ValueError(f"federation.warmup_rounds = {self.warmup_rounds} leaves no round at the full "
+                             f"learning rate; use fewer than federation.rounds = {self.rounds}")
+        if self.partition == "label_skew":
+            if len(self.proportions) != self.num_clients:
+                raise ValueError(f"federation.proportions has {len(self.proportions)} rows; label_skew needs one "
+                                 f"row of label shares per client ({self.num_clients})")
+            widths = {len(row) for row in self.proportions}
+            if len(widths) != 1 or widths == {0} or widths == {1}:
+                raise ValueError("federation.proportions rows must all have the same number (>= 2) of label shares")
+            for i, row in enumerate(self.proportions):
+                if not math.isclose(sum(row), 1.0, abs_tol=1e-6):
+                    raise ValueError(f"federation.proportions[{i}] = {row} sums to {sum(row):g}; each row's "
+                                     "shares must sum to 1")
+        elif self.proportions:
+            raise ValueError(f"federation.proportions is only used with partition = 'label_skew', not "
+                             f"{self.partition!r}; remove it")
+        return self
+
+
+Group = int | Literal["bias", "norm"]
+
+
+class FreezingConfig(Section):
+    """FedTT+: which factor groups train each round (policies and reasoning: federated/freezing.py).
+
+    A group is one core index across every TT layer (0 .. cores - 1; negative counts from the end), or, with
+    ``extras = "scheduled"``, all adapter biases ("bias") or all norm weights ("norm")."""
+
+    policy: Literal["fixed", "cyclic", "adaptive"] = "adaptive"
+    extras: Literal["always", "scheduled"] = "always"  # biases and norms: trained every round, or groups
+    cores: Annotated[list[Group], Field(min_length=1)] = [-1]   # fixed: the groups trained every round
+    cores_per_round: PositiveInt = 1         # cyclic: how many groups rotate in each round
+    period: PositiveInt = 1                  # cyclic: rounds per step of the rotation
+    threshold: Annotated[float, Field(ge=-1.0, le=1.0)] = 0.1  # adaptive: freeze a group whose clients agree less
+    patience: PositiveInt = 2                # adaptive: rounds a frozen group waits before it is tried again
+    max_groups: NonNegativeInt = 0           # adaptive: at most this many groups per round; 0: no limit
+
+
+class PrivacyConfig(Section):
+    """Local DP-SGD on every client and secure aggregation (federated/privacy; facts: docs/privacy.md)."""
+
+    dp: bool = False
+    target_epsilon: PositiveFloat | None = None   # the whole run's budget per client (noise calibrated to it)
+    noise_multiplier: NonNegativeFloat | None = None  # sigma; with target_epsilon too: fixed sigma, budget enforced
+    max_grad_norm: PositiveFloat = 1.0       # per-example clipping norm C
+    delta: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None  # None: min(1e-5, 1 / (10 n)) for the largest n
+    accountant: Literal["rdp", "prv"] = "rdp"
+    secure_aggregation: bool = False
+    secagg_num_shares: NonNegativeInt = 0    # neighbours + 1 per client (SecAgg+); 0: every sampled client
+    secagg_threshold: NonNegativeInt = 0     # shares needed to unmask; 0: a majority of num_shares
+    secagg_clip_range: PositiveFloat = 1.0   # each weighted update value is clipped to +-this before quantising
+    secagg_bits: Annotated[int, Field(ge=8, le=30)] = 22  # quantisation levels 2**bits per value
+    secagg_min_clients: Annotated[int, Field(ge=2)] = 3   # clients refuse to mask in a smaller round
+
+    @model_validator(mode="after")
+    def _check(self) -> PrivacyConfig:
+        if self.dp and self.target_epsilon is None and self.noise_multiplier is None:
+            raise ValueError("privacy.dp = true needs privacy.target_epsilon (the run's budget) or "
+                             "privacy.noise_multiplier (sigma)")
+        if not self.dp and (self.target_epsilon is not None or self.noise_multiplier is not None):
+            raise ValueError("privacy.target_epsilon / privacy.noise_multiplier are set but privacy.dp = false; "
+                             "set privacy.dp = true or remove them")
+        return self
+
+
+class Config(Section):
+    method: Literal["fedtt", "fedtt+", "lora", "ffa-lora"] = "fedtt"
+    seed: NonNegativeInt = 0                 # training: adapter and head init, batch order, dropout, DP noise
+    data_seed: NonNegativeInt | None = None  # split and partition; None: the same as seed
+    model: ModelConfig = ModelConfig()
+    task: TaskConfig = TaskConfig()
+    adapter: AdapterConfig = AdapterConfig()
+    federation: FederationConfig = FederationConfig()
+    freezing: FreezingConfig = FreezingConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derive(cls, data):
+        """The adapter's method and seed are the experiment's; missing per-method keys take the method's value."""
+        if not isinstance(data, dict):
+            return data
+        data = {**data}
+        method = data.get("method", "fedtt")
+        for key, value in METHOD_DEFAULTS.get(method, {}).items() if isinstance(method, str) else ():
+            section, leaf = key.split(".")
+            table = data.get(section, {})
+            if isinstance(table, dict) and leaf not in table:
+                data[section] = {**table, leaf: value}
+        adapter = data.get("adapter", {})
+        if isinstance(adapter, dict):
+            for key in ("method", "seed"):
+                if key in adapter:
+                    raise ValueError(f"adapter.{key} is not a config key; set the top-level {key} instead")
+            data["adapter"] = {**adapter, "method": adapter_method(method) if isinstance(method, str) else method,
+                               "seed": data.get("seed", 0)}
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        fed = self.federation
         if self.method == "fedtt+" and self.clients_per_round < fed.num_clients:
             raise ValueError("method = 'fedtt+' is for cross-silo federations (every client every round); "
                              "set federation.clients_per_round = 0 or use method = 'fedtt'")
-        if (self.adapter.method, self.adapter.seed) != (adapter_method(self.method), self.seed):
-            raise ValueError("adapter.method and adapter.seed follow the top-level method and seed; "
-                             "build configs with config_from_dict / load_config")
+        if self.task.kind == "instruction" and self.adapter.head == "tensorized":
+            raise ValueError("adapter.head = 'tensorized' is for classification; instruction tasks keep the LM head")
+        if self.privacy.secure_aggregation and self.clients_per_round < self.privacy.secagg_min_clients:
+            raise ValueError(f"privacy.secure_aggregation needs at least privacy.secagg_min_clients = "
+                             f"{self.privacy.secagg_min_clients} clients per round, the config has "
+                             f"{self.clients_per_round}")
+        if self.privacy.secure_aggregation and fed.min_replies < 2:
+            raise ValueError("privacy.secure_aggregation: federation.min_replies must be >= 2 (a sum over one "
+                             "client is that client's update)")
+        self._check_groups()
+        return self
+
+    def _check_groups(self) -> None:
+        """FedTT+ groups: core indices within the adapters' core count (when the model's size is known without
+        loading it), and "bias" / "norm" only when they are scheduled."""
+        extras = [g for g in self.freezing.cores if isinstance(g, str)]
+        if extras and self.freezing.extras != "scheduled":
+            raise ValueError(f"freezing.cores = {self.freezing.cores} lists {extras[0]!r}, which is trained every "
+                             "round unless freezing.extras = 'scheduled'")
+        count = tt_core_count(self)
+        bad = [g for g in self.freezing.cores if isinstance(g, int) and count is not None and not -count <= g < count]
+        if bad:
+            raise ValueError(f"freezing.cores = {self.freezing.cores} is not valid: the adapters' TT layers have "
+                             f"{count} cores; use indices 0..{count - 1} (or -1 for the last)")
 
     @property
     def clients_per_round(self) -> int:
         return self.federation.clients_per_round or self.federation.num_clients
 
+    @property
+    def split_seed(self) -> int:
+        return self.seed if self.data_seed is None else self.data_seed
+
     def to_dict(self) -> dict:
-        return _drop_none(dataclasses.asdict(self))
+        return self.model_dump(exclude_none=True)
 
     def to_toml(self) -> str:
         data = self.to_dict()
@@ -126,41 +252,78 @@ class Config:
         return tomli_w.dumps(data)
 
 
-def _drop_none(value):
-    if isinstance(value, dict):
-        return {k: _drop_none(v) for k, v in value.items() if v is not None}
-    return value
+def tt_core_count(config: Config) -> int | None:
+    """The cores of each adapter TT layer, known without loading weights (None: the model's size is unknown)."""
+    from .models import hidden_size
+    from .tt import tt_shape
+
+    if config.adapter.tt_shape:
+        return len(config.adapter.tt_shape)
+    hidden = hidden_size(config.model.name)
+    try:
+        return len(tt_shape(hidden, config.adapter.bottleneck)) if hidden else None
+    except ValueError:  # no automatic shape: building the adapter will say so
+        return None
 
 
-def _check_type(key: str, value, annotation):
-    """Return ``value`` if it fits ``annotation`` (ints are accepted for floats), else a one-line error."""
-    hint = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
-    allowed = tuple(typing.get_origin(h) or h for h in hint if h is not type(None))
-    if value is None and type(None) in hint:
-        return value
-    if float in allowed and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed):
-        return value
-    names = " or ".join(a.__name__ for a in allowed)
-    raise ValueError(f"{key} = {value!r} has the wrong type; expected {names}")
+def adapter_method(method: str) -> str:
+    return "fedtt" if method == "fedtt+" else method
 
 
-def _build(cls, data: dict, prefix: str = ""):
-    if not isinstance(data, dict):
-        raise ValueError(f"{prefix.rstrip('.')} must be a table ([{prefix.rstrip('.')}])")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"unknown config key {prefix}{unknown[0]!s}; valid keys here: {', '.join(sorted(known))}")
-    kwargs = {}
-    for name, value in data.items():
-        if dataclasses.is_dataclass(hints[name]):
-            kwargs[name] = _build(hints[name], value, f"{prefix}{name}.")
-        else:
-            kwargs[name] = _check_type(f"{prefix}{name}", value, hints[name])
-    return cls(**kwargs)
+# ------------------------------------------------------------------------------------------- loading
+
+def _section(loc: tuple) -> type[BaseModel] | None:
+    """The config section (a model class) that ``loc`` points into, or None past the sections."""
+    model = Config
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def _key(loc: tuple) -> str:
+    """``('federation', 'proportions', 0, 1)`` -> ``federation.proportions[0][1]``; pydantic's union-member
+    tags (``int``, ``literal[...]``) are not keys and are left out."""
+    text, model = "", Config
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif model is not None and part in model.model_fields:
+            text += f".{part}" if text else part
+            annotation = model.model_fields[part].annotation
+            model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return text
+
+
+def _one_line(err: ValidationError) -> str:
+    """The first problem of a pydantic error, as one line that names the key and the fix."""
+    first = err.errors()[0]
+    loc, kind = first["loc"], first["type"]
+    if kind == "extra_forbidden":
+        section = _section(loc[:-1])
+        known = sorted(k for k in section.model_fields if not (section is AdapterConfig and k in ("method", "seed")))
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
+        where = _key(loc[:-1])
+        full = f"{where}.{loc[-1]}" if where else str(loc[-1])
+        hint = f"; did you mean {where + '.' if where else ''}{close[0]}?" if close else ""
+        return f"unknown config key {full}{hint} (valid keys here: {', '.join(known)})"
+    if kind == "value_error":  # our own validators: their message names the key already
+        return str(first["ctx"]["error"])
+    key = _key(loc)
+    if kind in ("model_type", "dict_type", "model_attributes_type"):
+        return f"{key} must be a table ([{key}] in TOML), not {first['input']!r}"
+    message = first["msg"].replace("Input should be", "expected")
+    return f"{key} = {first.get('input')!r} is not valid: {message}"
+
+
+def config_from_dict(data: dict) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ValueError(_one_line(err)) from None
 
 
 def _parse_value(text: str):
@@ -178,28 +341,14 @@ def apply_override(data: dict, assignment: str) -> None:
     table = data
     for section in sections:
         table = table.setdefault(section, {})
+        if not isinstance(table, dict):
+            raise ValueError(f"--set {assignment!r}: {section} is a value, not a section")
     table[leaf] = _parse_value(text.strip())
 
 
-def adapter_method(method: str) -> str:
-    return "fedtt" if method == "fedtt+" else method
+def load_config(path=None, overrides: list[str] = ()) -> Config:
+    from pathlib import Path
 
-
-def config_from_dict(data: dict) -> Config:
-    data = dict(data)
-    if isinstance(data.get("adapter", {}), dict):  # the adapter's method and seed are the experiment's
-        for key in {"method", "seed"} & set(data.get("adapter", {})):
-            raise ValueError(f"adapter.{key} is not a config key; set the top-level {key} instead")
-        method = data.get("method", "fedtt")
-        data["adapter"] = {**data.get("adapter", {}), "seed": data.get("seed", 0),
-                           "method": adapter_method(method) if isinstance(method, str) else method}
-    try:
-        return _build(Config, data)
-    except TypeError as err:  # e.g. a section given as a value
-        raise ValueError(f"invalid config: {err}") from None
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     data: dict = {}
     if path is not None:
         path = Path(path)

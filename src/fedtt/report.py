@@ -1,7 +1,9 @@
 """Run reports: results.json (the contract other tools read), Markdown tables and PNG curves.
 
-One run -> ``write_results``; several runs of the same task (one per method) -> ``write_comparison``.
-Plots use the Agg canvas directly (no pyplot, no global backend switch), fixed size and dpi.
+One run -> ``write_results`` (the one writer of results.json: NaN-safe, atomic). Several runs of one task ->
+``write_comparison``: runs with the same label are seeds of one method; tables give the mean, standard
+deviation and n of the test metric at the validation-selected round and at the final round, and the plots
+shade the spread. Plots use the Agg canvas directly (no pyplot, no global backend switch), fixed size and dpi.
 """
 
 from __future__ import annotations
@@ -11,16 +13,19 @@ import io
 import json
 import math
 import os
+import statistics
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from .files import atomic_write
+
 FIGSIZE = (10.0, 4.0)  # inches
 DPI = 110  # -> 1100 x 440 px
 
-__all__ = ["write_results", "write_comparison", "format_bytes", "round_summary"]
+__all__ = ["format_bytes", "json_safe", "round_summary", "summarize", "write_comparison", "write_results"]
 
 
 # ---------------------------------------------------------------------------------------------- formatting
@@ -45,64 +50,28 @@ def _mb(n: float) -> str:
     return f"{n / 1e6:.3f}"
 
 
-def round_summary(entry: dict, total_rounds: int, cumulative_bytes: int) -> str:
-    """One progress line per round, e.g.
-    "round  3/10  acc 0.8123  loss 0.4312  train 0.5011  up 125.3 kB  down 125.3 kB  total 0.75 MB"."""
+def round_summary(entry: dict, total_rounds: int, cumulative_bytes: int, metric: str = "accuracy") -> str:
+    """One progress line per round, e.g. "round  3/10  val accuracy 0.8010  test accuracy 0.8123  test loss
+    0.4312  train 0.5011  up 125.3 kB  down 125.3 kB  total 0.75 MB" (and the largest epsilon under DP)."""
     width = len(str(total_rounds))
-    ev = entry["eval"]
-    return (f"round {entry['round']:>{width}}/{total_rounds}  "
-            f"acc {ev['accuracy']:.4f}  loss {ev['loss']:.4f}  "
+    test, validation = entry["eval"], entry.get("validation", {})
+    line = (f"round {entry['round']:>{width}}/{total_rounds}  val {metric} {_num(validation.get(metric))}  "
+            f"test {metric} {_num(test.get(metric))}  test loss {_num(test.get('loss'))}  "
             f"train {_num(entry.get('train_loss'))}  up {format_bytes(entry['bytes_up'])}  "
             f"down {format_bytes(entry['bytes_down'])}  total {cumulative_bytes / 1e6:.2f} MB")
+    if "epsilon_max" in entry:
+        line += f"  epsilon {entry['epsilon_max']:.3f}"
+    if entry.get("skipped"):
+        line += f"  (not aggregated: {entry['skipped']})"
+    return line
 
 
-# ------------------------------------------------------------------------------------------------- helpers
-
-def _label(results: dict) -> str:
-    return results.get("label") or results["method"]
-
-
-def _curve(results: dict) -> tuple[list[int], list[float], list[float]]:
-    """(rounds, cumulative MB, accuracy), starting at round 0 / 0 MB with the initial accuracy if known."""
-    rounds, mb, acc = [], [], []
-    if results.get("initial"):
-        rounds, mb, acc = [0], [0.0], [results["initial"]["accuracy"]]
-    cum = 0
-    for r in results["rounds"]:
-        cum += r["bytes_up"] + r["bytes_down"]
-        rounds.append(r["round"])
-        mb.append(cum / 1e6)
-        acc.append(r["eval"]["accuracy"])
-    return rounds, mb, acc
-
-
-def _plot(runs: list[dict], path: Path, title: str) -> None:
-    fig = Figure(figsize=FIGSIZE, dpi=DPI)
-    FigureCanvasAgg(fig)
-    ax_round, ax_mb = fig.subplots(1, 2)
-    for res in runs:
-        rounds, mb, acc = _curve(res)
-        ax_round.plot(rounds, acc, marker="o", markersize=3, label=_label(res))
-        ax_mb.plot(mb, acc, marker="o", markersize=3, label=_label(res))
-    ax_round.set_xlabel("round")
-    ax_round.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax_mb.set_xlabel("cumulative MB communicated (up + down)")
-    ax_mb.set_xlim(left=0)
-    for ax in (ax_round, ax_mb):
-        ax.set_ylabel("accuracy")
-        ax.grid(alpha=0.3)
-    ax_mb.legend(loc="best", fontsize="small")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)  # no bbox_inches="tight": the pixel size stays fixed
-
-
-def _json_safe(obj):
+def json_safe(obj):
     """Plain JSON types; numpy/torch scalars and arrays unwrapped, non-finite floats -> null, Path -> str."""
     if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
+        return [json_safe(v) for v in obj]
     if isinstance(obj, (bool, int, str)) or obj is None:
         return obj
     if isinstance(obj, float):
@@ -110,14 +79,8 @@ def _json_safe(obj):
     if isinstance(obj, os.PathLike):
         return os.fspath(obj)
     if hasattr(obj, "tolist"):  # numpy / torch scalars and arrays
-        return _json_safe(obj.tolist())
+        return json_safe(obj.tolist())
     raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")  # readers never see a half-written file
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
@@ -131,46 +94,106 @@ def _partition_text(partition: dict) -> str:
     return f"{partition['kind']} ({extra})" if extra else partition["kind"]
 
 
+def _label(results: dict) -> str:
+    return results.get("label") or results["method"]
+
+
+def _metric(results: dict) -> str:
+    return results.get("selection", {}).get("metric", "accuracy")
+
+
+def _curve(results: dict, split: str = "eval") -> tuple[list[int], list[float], list[float]]:
+    """(rounds, cumulative MB, metric on ``split``), from round 0 / 0 MB when the initial evaluation is known."""
+    metric, rounds, mb, values = _metric(results), [], [], []
+    initial = results.get("initial", {}).get("test" if split == "eval" else split)
+    if initial and metric in initial:
+        rounds, mb, values = [0], [0.0], [initial[metric]]
+    cum = 0
+    for r in results["rounds"]:
+        cum += r["bytes_up"] + r["bytes_down"]
+        rounds.append(r["round"])
+        mb.append(cum / 1e6)
+        values.append(r[split][metric])
+    return rounds, mb, values
+
+
 # ------------------------------------------------------------------------------------------------- one run
 
-def write_results(results: dict, out_dir: Path) -> None:
-    """results.json, results.md and curves.png for one run."""
+def write_results(results: dict, out_dir: Path, tables: bool = True) -> None:
+    """results.json (and, with ``tables``, results.md and curves.png) for one run."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_text(out_dir / "results.json", json.dumps(_json_safe(results), indent=2, allow_nan=False) + "\n")
-
+    atomic_write(out_dir / "results.json", json.dumps(json_safe(results), indent=2, allow_nan=False) + "\n")
+    if not tables:
+        return
+    metric = _metric(results)
     rows, cum = [], 0
     for r in results["rounds"]:
         cum += r["bytes_up"] + r["bytes_down"]
         rows.append([str(r["round"]), str(r["clients"]), _num(r.get("train_loss")),
-                     f"{r['eval']['accuracy']:.4f}", f"{r['eval']['loss']:.4f}",
-                     f"{r['params_up']:,}", f"{r['params_down']:,}",
+                     _num(r.get("validation", {}).get(metric)), _num(r["eval"].get(metric)),
+                     _num(r["eval"].get("loss")), f"{r['params_up']:,}", f"{r['params_down']:,}",
                      f"{r['bytes_up'] / 1e3:.1f}", f"{r['bytes_down'] / 1e3:.1f}", _mb(cum)])
-    best, final, initial = results["best"], results["final"], results.get("initial")
+    selected, final = results.get("selected"), results.get("final", {})
     head = [
         f"# {_label(results)}: {results['task']} on {results['model']}",
         "",
-        f"- method: {results['method']}",
-        f"- model: {results['model']}",
-        f"- task: {results['task']}",
+        f"- method: {results['method']}; seed {results['seed']}, data seed {results.get('data_seed', results['seed'])}",
         f"- partition: {_partition_text(results['partition'])}, {results['num_clients']} clients, "
         f"{results['clients_per_round']} per round",
         f"- trainable params: {results['trainable_params']:,}",
     ]
-    if initial:
-        head.append(f"- initial accuracy: {initial['accuracy']:.4f}")
+    if selected:
+        head.append(f"- selected round (best validation {metric}): {selected['round']}; validation "
+                    f"{selected['validation'][metric]:.4f}, test {selected['test'][metric]:.4f}")
     head += [
-        f"- best accuracy: {best['accuracy']:.4f} (round {best['round']})",
-        f"- final accuracy: {final['accuracy']:.4f}",
+        f"- final round: test {metric} {final.get(metric, float('nan')):.4f}",
         f"- total communicated: {_mb(results['total_bytes'])} MB",
         f"- wall time: {results['wall_seconds']:.1f} s",
-        "",
     ]
-    table = _md_table(["round", "clients", "train loss", "accuracy", "eval loss", "params up", "params down",
-                       "kB up", "kB down", "cumulative MB"], rows)
-    _write_text(out_dir / "results.md", "\n".join(head) + "\n" + table)
-    _plot([results], out_dir / "curves.png",
-          f"{_label(results)}: {results['task']} on {results['model']}")
+    if results.get("privacy", {}).get("epsilon"):
+        p = results["privacy"]
+        head.append(f"- privacy: epsilon {p['epsilon_max']:.3f} (largest client, whole run) at delta "
+                    f"{max(p['delta'].values()):g}, clipping {p['max_grad_norm']:g}, {p['accountant']} accountant")
+    if results.get("status") == "failed":
+        head.append(f"- FAILED: {results.get('error')}")
+    table = _md_table(["round", "clients", "train loss", f"val {metric}", f"test {metric}", "test loss", "params up",
+                       "params down", "kB up", "kB down", "cumulative MB"], rows)
+    atomic_write(out_dir / "results.md", "\n".join(head) + "\n\n" + table)
+    if results["rounds"]:
+        _plot([[results]], out_dir / "curves.png", f"{_label(results)}: {results['task']} on {results['model']}")
+
+
+def _plot(groups: list[list[dict]], path: Path, title: str) -> None:
+    """Test metric vs round and vs cumulative MB; several seeds of a method: their mean and a +-1 std band."""
+    fig = Figure(figsize=FIGSIZE, dpi=DPI)
+    FigureCanvasAgg(fig)
+    ax_round, ax_mb = fig.subplots(1, 2)
+    for runs in groups:
+        curves = [_curve(r) for r in runs]
+        length = min(len(c[0]) for c in curves)
+        rounds = curves[0][0][:length]
+        mb = [statistics.fmean(c[1][i] for c in curves) for i in range(length)]
+        mean = [statistics.fmean(c[2][i] for c in curves) for i in range(length)]
+        label = _label(runs[0]) + (f" (n={len(runs)})" if len(runs) > 1 else "")
+        for ax, x in ((ax_round, rounds), (ax_mb, mb)):
+            (line,) = ax.plot(x, mean, marker="o", markersize=3, label=label)
+            if len(runs) > 1:
+                std = [statistics.stdev(c[2][i] for c in curves) for i in range(length)]
+                ax.fill_between(x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                                color=line.get_color(), alpha=0.15, linewidth=0)
+    ax_round.set_xlabel("round")
+    ax_round.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_mb.set_xlabel("cumulative MB communicated (up + down)")
+    ax_mb.set_xlim(left=0)
+    metric = _metric(groups[0][0])
+    for ax in (ax_round, ax_mb):
+        ax.set_ylabel(f"test {metric}")
+        ax.grid(alpha=0.3)
+    ax_mb.legend(loc="best", fontsize="small")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)  # no bbox_inches="tight": the pixel size stays fixed
 
 
 # ------------------------------------------------------------------------------------------- several runs
@@ -178,54 +201,90 @@ def write_results(results: dict, out_dir: Path) -> None:
 RATIO_COLUMN = "x less traffic than LoRA"
 
 
-def _comparison_rows(runs: list[dict]) -> list[dict]:
-    lora = next((r for r in runs if r["method"] == "lora"), None)
-    rows = []
+def _stats(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    """One row per method label (its runs are seeds): numbers as numbers, for CSV and tables."""
+    groups: dict[str, list[dict]] = {}
     for res in runs:
-        n = len(res["rounds"]) or 1
-        params = sum(r["params_up"] + r["params_down"] for r in res["rounds"]) / n
-        nbytes = sum(r["bytes_up"] + r["bytes_down"] for r in res["rounds"]) / n
-        row = {
-            "method": _label(res),
-            "best accuracy (round)": f"{res['best']['accuracy']:.4f} ({res['best']['round']})",
-            "final accuracy": f"{res['final']['accuracy']:.4f}",
-            "trainable params": str(res["trainable_params"]),
-            "params per round": str(round(params)),
-            "bytes per round": str(round(nbytes)),
-            "total MB": _mb(res["total_bytes"]),
-            "wall seconds": f"{res['wall_seconds']:.1f}",
-        }
-        if lora is not None:
-            row[RATIO_COLUMN] = (f"{lora['total_bytes'] / res['total_bytes']:.1f}"
-                                 if res["total_bytes"] else "-")
+        groups.setdefault(_label(res), []).append(res)
+    federated_lora = [m for m in groups.values() if m[0]["method"] == "lora" and m[0]["num_clients"] > 1]
+    lora = groups.get("lora") or next(iter(federated_lora), None)
+    lora_bytes = statistics.fmean(r["total_bytes"] for r in lora) if lora else None
+    rows = []
+    for label, members in groups.items():
+        metric = _metric(members[0])
+        selected = [r["selected"]["test"][metric] for r in members if r.get("selected")]
+        final = [r["final"][metric] for r in members if r.get("final")]
+        validation = [r["selected"]["validation"][metric] for r in members if r.get("selected")]
+        rounds = sum(len(r["rounds"]) for r in members) or 1
+        params = sum(x["params_up"] + x["params_down"] for r in members for x in r["rounds"])
+        nbytes = sum(x["bytes_up"] + x["bytes_down"] for r in members for x in r["rounds"])
+        row = {"method": label, "metric": metric, "n": len(members),
+               "test_selected_mean": _stats(selected)[0] if selected else None,
+               "test_selected_std": _stats(selected)[1] if selected else None,
+               "test_final_mean": _stats(final)[0] if final else None,
+               "test_final_std": _stats(final)[1] if final else None,
+               "validation_selected_mean": _stats(validation)[0] if validation else None,
+               "selected_rounds": " ".join(str(r["selected"]["round"]) for r in members if r.get("selected")),
+               "trainable_params": members[0]["trainable_params"],
+               "params_per_round": params / rounds, "bytes_per_round": nbytes / rounds,
+               "total_mb": statistics.fmean(r["total_bytes"] for r in members) / 1e6,
+               "wall_seconds": statistics.fmean(r["wall_seconds"] for r in members)}
+        if any(r.get("privacy", {}).get("epsilon") for r in members):
+            row["epsilon_max"] = max(r["privacy"]["epsilon_max"] for r in members)
+        if lora_bytes is not None:
+            total = statistics.fmean(r["total_bytes"] for r in members)
+            row[RATIO_COLUMN] = lora_bytes / total if total else None
         rows.append(row)
     return rows
 
 
-def write_comparison(runs: list[dict], out_dir: Path) -> None:
-    """comparison.csv, comparison.md and comparison.png for several runs (one per method)."""
+def _mean_std(row: dict, key: str) -> str:
+    mean, std = row[f"{key}_mean"], row[f"{key}_std"]
+    if mean is None:
+        return "-"
+    return f"{mean:.4f} ± {std:.4f}" if row["n"] > 1 else f"{mean:.4f}"
+
+
+def write_comparison(runs: list[dict], out_dir: Path) -> list[dict]:
+    """comparison.csv, comparison.md and comparison.png for several runs (one label per method, seeds pooled)."""
     if not runs:
         raise ValueError("write_comparison needs at least one run")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = _comparison_rows(runs)
-    columns = list(rows[0])
-
+    rows = summarize(runs)
+    columns = list(dict.fromkeys(k for row in rows for k in row))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows)
-    _write_text(out_dir / "comparison.csv", buf.getvalue())
+    writer.writerows([{k: ("" if row.get(k) is None else row.get(k, "")) for k in columns} for row in rows])
+    atomic_write(out_dir / "comparison.csv", buf.getvalue())
 
+    metric = rows[0]["metric"]
+    header = ["method", "n", f"test {metric} @ selected", f"test {metric} final", f"val {metric} @ selected",
+              "selected round", "trainable params", "params per round", "bytes per round", "total MB",
+              "wall seconds"]
+    has_epsilon = any("epsilon_max" in r for r in rows)
+    has_ratio = RATIO_COLUMN in columns
+    header += (["epsilon (max)"] if has_epsilon else []) + ([RATIO_COLUMN] if has_ratio else [])
     md_rows = []
     for row in rows:
-        cells = dict(row)  # Markdown is for people: readable numbers
-        cells["trainable params"] = f"{int(row['trainable params']):,}"
-        cells["params per round"] = f"{int(row['params per round']):,}"
-        cells["bytes per round"] = format_bytes(int(row["bytes per round"]))
-        md_rows.append([cells[c] for c in columns])
+        cells = [row["method"], str(row["n"]), _mean_std(row, "test_selected"), _mean_std(row, "test_final"),
+                 _num(row["validation_selected_mean"]), row["selected_rounds"], f"{row['trainable_params']:,}",
+                 f"{round(row['params_per_round']):,}", format_bytes(round(row["bytes_per_round"])),
+                 f"{row['total_mb']:.3f}", f"{row['wall_seconds']:.1f}"]
+        cells += [_num(row.get("epsilon_max"), ".2f")] if has_epsilon else []
+        cells += [_num(row.get(RATIO_COLUMN), ".1f")] if has_ratio else []
+        md_rows.append(cells)
     tasks = sorted({r["task"] for r in runs})
     models = sorted({r["model"] for r in runs})
     title = f"{', '.join(tasks)} on {', '.join(models)}"
-    _write_text(out_dir / "comparison.md", f"# Comparison: {title}\n\n" + _md_table(columns, md_rows))
-    _plot(runs, out_dir / "comparison.png", f"Comparison: {title}")
+    atomic_write(out_dir / "comparison.md", f"# Comparison: {title}\n\n" + _md_table(header, md_rows))
+    groups: dict[str, list[dict]] = {}
+    for res in runs:
+        groups.setdefault(_label(res), []).append(res)
+    _plot(list(groups.values()), out_dir / "comparison.png", f"Comparison: {title}")
+    return rows

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 from pathlib import Path
-
-import numpy as np
-import torch
 
 from .config import Config
 from .engines.inprocess import run_inprocess
@@ -16,7 +12,12 @@ from .federated.checkpoint import FILE as CHECKPOINT
 from .federated.checkpoint import check_resumable, read_checkpoint
 from .federated.client_app import app as client_app
 from .federated.server_app import app as server_app
-from .federated.task import run_config_for
+from .federated.task import experiment, run_config_for
+from .privacy.dp import check_delta
+
+
+class RunFailed(RuntimeError):
+    """The federation ran but trained nothing (no round could be aggregated); the message says why."""
 
 
 def prepare_out_dir(out_dir: Path, overwrite: bool) -> Path:
@@ -32,16 +33,17 @@ def run(config: Config, out_dir: str | Path, overwrite: bool = False, resume: bo
     """Run the federation described by ``config``; outputs go to ``out_dir``; returns results.json's content.
 
     ``resume``: continue the run in ``out_dir`` from its last finished round (its config, bar the number of
-    rounds and the engine, must be ``config``)."""
+    rounds and the engine, must be ``config``). Everything that can be checked before training (the config,
+    the data, the model, the privacy parameters) is checked before anything is written. Raises ``RunFailed``
+    when no round could be aggregated (results.json then says why, with ``"status": "failed"``)."""
+    out_dir = Path(out_dir)
     if resume:
-        out_dir = Path(out_dir)
         check_resumable(read_checkpoint(out_dir), config, out_dir)
-    else:
-        out_dir = prepare_out_dir(Path(out_dir), overwrite)
-    random.seed(config.seed)
-    np.random.seed(config.seed)
-    torch.manual_seed(config.seed)
     run_config = {**run_config_for(config, str(out_dir), resume), "engine": config.federation.engine}
+    exp = experiment(run_config)  # cached: the in-process engine and the simulation's server thread reuse it
+    check_delta(config.privacy, [len(p) for p in exp.partitions])
+    if not resume:
+        prepare_out_dir(out_dir, overwrite)
     # Our per-round summary replaces Flower's log (client failures are still logged); restored afterwards.
     quiet = {"flwr": logging.ERROR, "alembic": logging.WARNING}  # alembic: Flower's in-memory LinkState
     saved = {name: logging.getLogger(name).level for name in quiet}
@@ -57,4 +59,10 @@ def run(config: Config, out_dir: str | Path, overwrite: bool = False, resume: bo
     finally:
         for name, level in saved.items():
             logging.getLogger(name).setLevel(level)
-    return json.loads((out_dir / "results.json").read_text())
+    path = out_dir / "results.json"
+    if not path.is_file():
+        raise RunFailed(f"the server wrote no results to {out_dir} (see the log above for its error)")
+    results = json.loads(path.read_text())
+    if results.get("status") != "finished":
+        raise RunFailed(results.get("error") or f"the run stopped before it finished ({results.get('status')})")
+    return results

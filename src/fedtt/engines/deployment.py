@@ -403,27 +403,29 @@ def _rounds(results: Path) -> int:
 
 
 def write_site_files(config, directory: Path) -> list[Path]:
-    """One CSV per client: the config's partition i of the task's train split, labels written by name.
+    """One CSV per client: the config's partition i of the task's train split (``task.build_data``, the pipeline
+    every engine uses), labels written by name; open-ended instruction pairs as prompt/response.
 
-    This is what each site would hold in a real deployment (``data-path`` in its node config); columns are
-    ``task.text_column`` and ``task.label_column`` so the ClientApp reads them like ``task.name``.
+    This is what each site would hold in a real deployment (``data-path`` in its node config); columns are the
+    task's own (``task.text_column`` / ``task.label_column``, or the prompt/response columns), so the ClientApp
+    reads them like ``task.name``.
     """
     import pandas as pd
 
-    from ..data import load_task, partition
+    from ..federated.task import build_data
 
-    t, fed = config.task, config.federation
-    data = load_task(t.name, text_column=t.text_column, label_column=t.label_column, seed=config.seed,
-                     validation_fraction=t.validation_fraction, test_fraction=t.test_fraction,
-                     max_train_examples=t.max_train_examples)
-    parts = partition(data.train, num_clients=fed.num_clients, kind=fed.partition, seed=config.seed,
-                      alpha=fed.alpha, proportions=fed.proportions or None, min_partition_size=fed.min_partition_size)
+    data = build_data(config)
+    t, task = config.task, data.task
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
-    for i, part in enumerate(parts):
+    for i, rows in enumerate(data.partitions):
+        part = task.train.select(rows)
+        if task.labelled:
+            frame = {t.text_column: part["text"], t.label_column: [task.label_names[y] for y in part["label"]]}
+        else:
+            frame = {t.prompt_column: part["prompt"], t.response_column: part["response"]}
         path = directory / f"site-{i}.csv"
-        pd.DataFrame({t.text_column: part["text"],
-                      t.label_column: [data.label_names[y] for y in part["label"]]}).to_csv(path, index=False)
+        pd.DataFrame(frame).to_csv(path, index=False)
         paths.append(path)
     return paths
 

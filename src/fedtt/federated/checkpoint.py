@@ -8,7 +8,6 @@ rounds that a resumed run needs (they rebuild the seeded initial adapter and are
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import NamedTuple
@@ -16,9 +15,11 @@ from typing import NamedTuple
 import numpy as np
 from flwr.app import Array, ArrayRecord
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file, save
 
 from ..config import Config
+from ..files import atomic_write
+from ..report import json_safe as _json_safe
 
 FILE = "checkpoint.safetensors"
 # What may change on resume: how many rounds in all (to extend a run), and how it is executed.
@@ -36,9 +37,8 @@ class Checkpoint(NamedTuple):
 def save_checkpoint(out_dir: Path, server_round: int, arrays: ArrayRecord, strategy: dict, results: dict,
                     config: Config) -> None:
     state = {"round": server_round, "strategy": strategy, "results": results, "config": _as_json(config)}
-    tmp = out_dir / (FILE + ".tmp")
-    save_file({name: arrays[name].numpy() for name in arrays}, tmp, metadata={"fedtt": json.dumps(state)})
-    tmp.replace(out_dir / FILE)
+    data = save({name: arrays[name].numpy() for name in arrays}, metadata={"fedtt": json.dumps(_json_safe(state))})
+    atomic_write(out_dir / FILE, data)
 
 
 def read_checkpoint(out_dir: str | Path) -> Checkpoint:
@@ -73,7 +73,7 @@ def check_resumable(checkpoint: Checkpoint, config: Config, out_dir: str | Path)
 
 
 def _as_json(config: Config) -> dict:
-    return json.loads(json.dumps(dataclasses.asdict(config)))
+    return config.model_dump(mode="json")
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

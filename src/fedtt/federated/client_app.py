@@ -1,20 +1,44 @@
-"""The FedTT ClientApp: one training step of one client, the same code under every engine."""
+"""The FedTT ClientApp: one training step of one client, the same code under every engine.
+
+``train``: decode the received tensors (FedTT+: merge them into the global state this node holds), load them,
+train this round's groups on the local data (DP-SGD when configured), send back the update, trained minus
+received, packed (or masked, under secure aggregation), and the squared size of the update per group. Queries
+answer the server's questions: the node's partition, the global state it holds, and the secure aggregation
+stages.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import os
-import zlib
+from functools import lru_cache
 
-import datasets
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from ..adapters import load_trainable_state_dict
+from ..privacy import secure_aggregation as secure
+from ..privacy.dp import LocalDP
+from .batches import Encoded
+from .codec import pack, unpack
 from .freezing import round_keys
-from .task import DATA_PATH_KEY, Experiment, experiment, site_dataset, train_local
+from .strategy import SQ
+from .task import (
+                   CONFIG_KEY,
+                   DATA_PATH_KEY,
+                   Experiment,
+                   build_data,
+                   config_from_run_config,
+                   experiment,
+                   load_task_of,
+                   site_data,
+                   train_local,
+)
 
 app = ClientApp()
-SYNCED = "fedtt-synced"  # context.state record: the global tensors this node holds (FedTT+ partial payloads)
+SYNCED, SYNCED_ROUND = "fedtt-synced", "fedtt-synced-round"  # context.state: the global state this node holds
 
 
 def site_path(node_config) -> str | None:
@@ -23,22 +47,41 @@ def site_path(node_config) -> str | None:
 
 
 def partition_id_of(node_config) -> int:
-    """The node's ``partition-id``; a site with its own file may omit it (default: a checksum of the path).
+    """The node's ``partition-id``; a site with its own file may omit it (default: a digest of the file's bytes,
+    so two sites never share one because their files have the same name; two sites with identical files are
+    refused by the server).
 
     It seeds the node's batches, orders the server's sum and is what the server samples, so a seed picks the
     same clients on every engine (Flower's node ids are random).
     """
     path = site_path(node_config)
     if path is not None and "partition-id" not in node_config:
-        return zlib.crc32(path.encode()) % 2**31
+        with open(path, "rb") as f:
+            return int.from_bytes(hashlib.sha256(f.read()).digest()[:4], "big") % 2**31
     return int(node_config["partition-id"])
 
 
-def local_data(exp: Experiment, node_config) -> datasets.Dataset:
-    """This node's training set: the site's file in deployment (see ``task.site_dataset``), otherwise
-    (simulation, in-process, or ``--node-config "partition-id=i num-partitions=n"``) the config's partition."""
+def local_data(exp: Experiment, node_config) -> tuple[Encoded, np.ndarray]:
+    """This node's training rows: the site's file in deployment (see ``task.site_data``), otherwise (simulation,
+    in-process, or ``--node-config "partition-id=i num-partitions=n"``) the config's partition."""
     path = site_path(node_config)
-    return site_dataset(exp, path) if path is not None else exp.partitions[partition_id_of(node_config)]
+    if path is not None:
+        data = site_data(exp, path)
+        return data, np.arange(len(data))
+    return exp.train, exp.partitions[partition_id_of(node_config)]
+
+
+def local_size(config, node_config) -> int:
+    """How many training examples this node holds, without building the model (a stage that needs no more)."""
+    path = site_path(node_config)
+    if path is not None:
+        return len(load_task_of(config, path, validation_fraction=0.0, test_fraction=0.0, min_labels=1).train)
+    return len(_partitions(config.to_toml())[partition_id_of(node_config)])
+
+
+@lru_cache(maxsize=1)
+def _partitions(config_toml: str) -> list[np.ndarray]:
+    return build_data(config_from_run_config({CONFIG_KEY: config_toml})).partitions
 
 
 def client_seed(seed: int, server_round: int, partition_id: int) -> int:
@@ -46,35 +89,109 @@ def client_seed(seed: int, server_round: int, partition_id: int) -> int:
     return (seed * 1_000_003 + server_round * 10_007 + partition_id) % 2**63
 
 
+def synced_round(context: Context) -> int:
+    return int(context.state[SYNCED_ROUND]["round"]) if SYNCED_ROUND in context.state.config_records else 0
+
+
+def merge_synced(exp: Experiment, context: Context, config: ConfigRecord,
+                 received: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """FedTT+: what changed since this node last synced, on top of what it holds (never synced: the seeded init).
+
+    A partial payload must build on the state this node holds; if it does not (the node lost its state), applying
+    it would train against stale frozen cores, so it is refused."""
+    if exp.config.method != "fedtt+":
+        return received
+    holds, base = synced_round(context), int(config["base-round"])
+    if not config["full"] and holds != base:
+        raise ValueError(f"partial payload builds on the global state after round {base}, this node holds round "
+                         f"{holds} (state lost?): refusing it; the server sends everything after its handshake")
+    held = {k: v.numpy() for k, v in context.state[SYNCED].items()} if holds > 0 else \
+        {k: v.numpy() for k, v in exp.initial.items()}
+    merged = {**held, **received}
+    context.state[SYNCED] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in merged.items()})
+    context.state[SYNCED_ROUND] = ConfigRecord({"round": int(config["sync-round"])})
+    return merged
+
+
+def _group(text: str):
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Load the received tensors, train this round's trainable ones on the local partition, send them back."""
     exp = experiment(context.run_config)
-    dataset, partition_id = local_data(exp, context.node_config), partition_id_of(context.node_config)
+    cfg = exp.config
+    data, rows = local_data(exp, context.node_config)
+    partition_id = partition_id_of(context.node_config)
     config = msg.content["config"]
     server_round = int(config["server-round"])
-    cores = [int(c) for c in config["trainable-cores"]] if "trainable-cores" in config else None
-    keys = round_keys(exp.model.fedtt_trainable, cores)
-
-    received = msg.content["arrays"]
-    if cores is not None:  # FedTT+ sends only what changed since this node last synced (never: the seeded init)
-        synced = context.state.array_records.get(SYNCED) or ArrayRecord(exp.initial)
-        received = ArrayRecord({**dict(synced), **dict(received)})
-        context.state[SYNCED] = received
-    load_trainable_state_dict(exp.model, received.to_torch_state_dict(), strict=False)
+    keys = round_keys(exp.groups, [_group(g) for g in config["groups"]] if "groups" in config else None)
+    received = merge_synced(exp, context, config, unpack(msg.content["arrays"], msg.content["wire"]))
+    load_trainable_state_dict(exp.model, {k: torch.from_numpy(np.asarray(v)) for k, v in received.items()},
+                              strict=False)
     params = dict(exp.model.named_parameters())
-    for name in exp.model.fedtt_trainable:  # FedTT+: the round's frozen cores get no gradient
+    for name in exp.model.fedtt_trainable:  # FedTT+: the round's frozen groups get no gradient
         params[name].requires_grad_(name in keys)
-    loss = train_local(exp, dataset, seed=client_seed(exp.config.seed, server_round, partition_id),
+    start = {k: params[k].detach().to("cpu", torch.float32).clone() for k in keys}
+    seed = client_seed(cfg.seed, server_round, partition_id)
+    dp = LocalDP.for_round(exp, context, config, len(rows), noise_seed=seed) if cfg.privacy.dp else None
+    loss = train_local(exp, data, rows, seed=seed, lr=float(config["lr"]), dp=dp,
                        desc=f"round {server_round} client {partition_id}")
 
-    arrays = ArrayRecord({name: params[name].detach() for name in keys})
-    metrics = MetricRecord({"train_loss": loss, "num-examples": len(dataset), "partition-id": partition_id})
-    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+    update = {k: (params[k].detach().to("cpu", torch.float32) - start[k]).numpy() for k in keys}
+    mean_squares = _mean_squares(update, exp.groups)
+    metrics = {"train_loss": loss, "num-examples": len(rows), "partition-id": partition_id,
+               "synced-round": synced_round(context), **(dp.finish(context) if dp else {})}
+    if "secagg" in msg.content.config_records:
+        arrays = secure.client_mask(context, msg.content["secagg"], update, mean_squares, len(rows),
+                                    cfg.federation.weighting == "uniform", seed)
+        content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
+    else:
+        arrays, index = pack(update, cfg.federation.wire_dtype)
+        metrics.update({SQ + g: v for g, v in mean_squares.items()})
+        content = RecordDict({"arrays": arrays, "wire": index, "metrics": MetricRecord(metrics)})
+    return Message(content, reply_to=msg)
 
 
-@app.query()
-def query(msg: Message, context: Context) -> Message:
+def _mean_squares(update: dict[str, np.ndarray], groups) -> dict[str, float]:
+    """Per group: the mean square of the update's values (FedTT+'s agreement signal)."""
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for name, value in update.items():
+        if (group := groups.get(name)) is not None:
+            sums[str(group)] = sums.get(str(group), 0.0) + float((value.astype(np.float64) ** 2).sum())
+            counts[str(group)] = counts.get(str(group), 0) + value.size
+    return {g: sums[g] / counts[g] for g in sums}
+
+
+def _reply(msg: Message, **metrics) -> Message:
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+@app.query("partition")
+def partition(msg: Message, context: Context) -> Message:
     """Which partition this node holds: the server samples partitions, not node ids."""
-    return Message(RecordDict({"metrics": MetricRecord({"partition-id": partition_id_of(context.node_config)})}),
-                   reply_to=msg)
+    return _reply(msg, **{"partition-id": partition_id_of(context.node_config)})
+
+
+@app.query("synced")
+def synced(msg: Message, context: Context) -> Message:
+    """FedTT+ handshake: the global state (its round) this node holds; 0 after a restart."""
+    return _reply(msg, **{"synced-round": synced_round(context)})
+
+
+@app.query("secagg_setup")
+def secagg_setup(msg: Message, context: Context) -> Message:
+    config = config_from_run_config(context.run_config)  # the data's size only: no model to build for this stage
+    return secure.client_setup(msg, context, local_size(config, context.node_config),
+                               config.privacy.secagg_min_clients)
+
+
+@app.query("secagg_share")
+def secagg_share(msg: Message, context: Context) -> Message:
+    return secure.client_share(msg, context)
+
+
+@app.query("secagg_unmask")
+def secagg_unmask(msg: Message, context: Context) -> Message:
+    return secure.client_unmask(msg, context)

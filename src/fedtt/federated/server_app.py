@@ -1,33 +1,45 @@
 """The FedTT ServerApp: runs the strategy, evaluates the global adapter every round, writes the run's outputs.
 
-Outputs (``<out>/``): ``results.json`` (rewritten after every round), ``checkpoint.safetensors`` (after every
-round: a killed run continues with ``fedtt run --resume``), ``results.md``, ``curves.png``, ``config.toml``
-(the resolved config) and ``adapter/`` (the final global adapter, loadable onto the same backbone with
-``fedtt.load_adapter`` or ``fedtt predict``).
+Every round the global model is evaluated on the validation split (where choices are made) and on the test
+split (what is reported); the selected round is the best on validation, and results.json reports the test
+metrics there and at the final round. Outputs (``<out>/``): ``results.json`` (rewritten after every round),
+``checkpoint.safetensors`` (after every round: a killed run continues with ``fedtt run --resume``),
+``results.md``, ``curves.png``, ``config.toml`` (the resolved config) and ``adapter/`` (the final global adapter,
+a PEFT-layout directory: ``fedtt.load_adapter``, ``fedtt predict``, ``fedtt generate``).
+A run in which no round could be aggregated is recorded as ``"status": "failed"`` with the first reason.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from tqdm.auto import tqdm
 
 from ..adapters import load_trainable_state_dict, save_adapter
 from ..data import label_histograms
+from ..privacy.dp import default_delta
 from ..report import round_summary, write_results
-from ..tt import TTLinear
 from .checkpoint import Checkpoint, check_resumable, read_checkpoint, save_checkpoint
-from .freezing import FreezingPolicy
+from .evaluation import GENERATION, evaluate, selection_metric
+from .freezing import FreezingPolicy, num_cores
 from .strategy import FedTTStrategy
-from .task import OUT_KEY, RESUME_KEY, Experiment, evaluate, experiment
+from .task import OUT_KEY, RESUME_KEY, Experiment, experiment
 
 app = ServerApp()
 logger = logging.getLogger("fedtt")
+
+
+def select(rounds: list[dict], metric: str, higher: bool) -> dict | None:
+    """The round with the best validation ``metric`` (the earliest of ties); test labels play no part."""
+    scored = [r for r in rounds if r.get("validation")]
+    if not scored:
+        return None
+    best = max(scored, key=lambda r: (r["validation"][metric] if higher else -r["validation"][metric], -r["round"]))
+    return {"round": best["round"], "metric": metric, "validation": best["validation"], "test": best["eval"]}
 
 
 class RunRecorder:
@@ -36,20 +48,29 @@ class RunRecorder:
     def __init__(self, exp: Experiment, strategy: FedTTStrategy, out_dir: Path, engine: str):
         self.exp, self.strategy, self.out_dir = exp, strategy, out_dir
         cfg = exp.config
-        histograms = label_histograms(exp.partitions, len(exp.task.label_names))
-        for pid, histogram in enumerate(histograms):
+        histograms = label_histograms(exp.task.train["label"], exp.partitions, len(exp.task.label_names)) \
+            if exp.task.labelled else [[len(p)] for p in exp.partitions]
+        for pid, histogram in enumerate(histograms[:20]):
             logger.info("client %d: %d examples, labels %s", pid, sum(histogram),
-                        dict(zip(exp.task.label_names, histogram)))
+                        dict(zip(exp.task.label_names, histogram)) if exp.task.labelled else "-")
         partition = {"kind": cfg.federation.partition}
         partition.update({"alpha": cfg.federation.alpha} if cfg.federation.partition == "dirichlet" else {})
         partition.update({"proportions": cfg.federation.proportions} if cfg.federation.proportions else {})
+        self.metric, self.higher = selection_metric(exp.task)
         self.results = {
-            "method": cfg.method, "model": cfg.model.name, "task": cfg.task.name, "engine": engine,
-            "seed": cfg.seed, "num_clients": cfg.federation.num_clients, "clients_per_round": cfg.clients_per_round,
+            "method": cfg.method, "model": cfg.model.name, "task": cfg.task.name, "kind": cfg.task.kind,
+            "engine": engine, "seed": cfg.seed, "data_seed": cfg.split_seed,
+            "num_clients": cfg.federation.num_clients, "clients_per_round": cfg.clients_per_round,
             "partition": partition, "label_names": exp.task.label_names, "client_label_histograms": histograms,
             "trainable_params": sum(int(t.numel()) for t in exp.initial.values()),
-            "rounds": [], "total_bytes": 0,
+            "selection": {"split": "validation", "metric": self.metric, "higher_is_better": self.higher},
+            "validation_examples": len(exp.validation), "test_examples": len(exp.test),
+            "rounds": [], "total_bytes": 0, "status": "running",
         }
+        if cfg.task.kind == "instruction":
+            self.results["generation"] = {**GENERATION, "max_new_tokens": cfg.task.max_new_tokens}
+        if cfg.privacy.dp or cfg.privacy.secure_aggregation:
+            self.results["privacy"] = {"dp": cfg.privacy.dp, "secure_aggregation": cfg.privacy.secure_aggregation}
         self.start = time.time()
         self.progress = tqdm(total=cfg.federation.rounds, desc="rounds", disable=None)
 
@@ -64,51 +85,78 @@ class RunRecorder:
         if server_round == self.strategy.resumed_from > 0:  # the checkpoint's round: evaluated before the stop
             return MetricRecord(self.results["rounds"][-1]["eval"])
         load_trainable_state_dict(self.exp.model, arrays.to_torch_state_dict())
-        metrics = evaluate(self.exp, self.exp.eval_set)
+        validation, test = evaluate(self.exp, self.exp.validation), evaluate(self.exp, self.exp.test)
+        total = self.exp.config.federation.rounds
         if server_round == 0:
-            self.results["initial"] = metrics
-            tqdm.write(f"round  0/{self.exp.config.federation.rounds}  acc {metrics['accuracy']:.4f}  "
-                       f"loss {metrics['loss']:.4f}  (before training)")
+            self.results["initial"] = {"validation": validation, "test": test}
+            tqdm.write(f"round  0/{total}  val {self.metric} {validation[self.metric]:.4f}  test {self.metric} "
+                       f"{test[self.metric]:.4f}  (before training)")
         else:
-            stats = self.strategy.rounds[server_round]
-            entry = {"round": server_round, "clients": stats["contributed"], "sampled": stats["clients"],
-                     "train_loss": stats["train_loss"], "eval": metrics,
-                     **{k: stats[k] for k in ("params_up", "params_down", "bytes_up", "bytes_down")},
-                     **{k: stats[k] for k in ("partitions", "trainable_cores", "core_updates", "dropped")}}
-            self.results["rounds"].append(entry)
-            self.results["total_bytes"] += entry["bytes_up"] + entry["bytes_down"]
-            self.progress.update(1)
-            tqdm.write(round_summary(entry, self.exp.config.federation.rounds, self.results["total_bytes"]))
-        self._write_json()
-        if server_round > 0:
-            save_checkpoint(self.out_dir, server_round, arrays, self.strategy.state_dict(), self.results,
-                            self.exp.config)
-        return MetricRecord(metrics)
+            self._record(server_round, validation, test)
+        self._save(arrays if server_round > 0 else None, server_round)
+        return MetricRecord(test)
 
-    def _write_json(self) -> None:
+    def _record(self, server_round: int, validation: dict, test: dict) -> None:
+        stats = self.strategy.rounds[server_round]
+        entry = {"round": server_round, "clients": stats["contributed"], "sampled": stats["sampled"],
+                 "train_loss": stats["train_loss"], "lr": stats["lr"], "validation": validation, "eval": test,
+                 **{k: stats[k] for k in ("params_up", "params_down", "bytes_up", "bytes_down", "partitions",
+                                          "groups", "agreement", "dropped", "seconds")}}
+        if "skipped" in stats:
+            entry["skipped"] = stats["skipped"]
+        if self.exp.config.privacy.dp:
+            self._account_privacy(entry, stats["privacy"])
+        self.results["rounds"].append(entry)
+        self.results["total_bytes"] += entry["bytes_up"] + entry["bytes_down"]
+        self.progress.update(1)
+        tqdm.write(round_summary(entry, self.exp.config.federation.rounds, self.results["total_bytes"], self.metric))
+
+    def _account_privacy(self, entry: dict, spent: dict) -> None:
+        """Per round: the epsilon of every client that trained; overall: every client's latest (its whole run)."""
+        summary = self.results["privacy"]
+        summary.setdefault("epsilon", {}).update({pid: s["epsilon"] for pid, s in spent.items()})
+        summary.setdefault("noise_multiplier", {}).update({pid: s["noise_multiplier"] for pid, s in spent.items()})
+        summary.setdefault("sample_rate", {}).update({pid: s["sample_rate"] for pid, s in spent.items()})
+        sizes = {str(pid): len(rows) for pid, rows in enumerate(self.exp.partitions)}
+        privacy = self.exp.config.privacy
+        summary["delta"] = {pid: privacy.delta if privacy.delta is not None else default_delta(sizes.get(pid, 1))
+                            for pid in summary["epsilon"]}
+        summary.update(max_grad_norm=privacy.max_grad_norm, accountant=privacy.accountant,
+                       target_epsilon=privacy.target_epsilon,
+                       epsilon_max=max(summary["epsilon"].values(), default=0.0))
+        entry["epsilon"] = {pid: s["epsilon"] for pid, s in spent.items()}
+        entry["epsilon_max"] = summary["epsilon_max"]
+
+    def _save(self, arrays: ArrayRecord | None, server_round: int) -> None:
         rounds = self.results["rounds"]
         if rounds:
-            best = max(rounds, key=lambda r: r["eval"]["accuracy"])
-            self.results["best"] = {"round": best["round"], "accuracy": best["eval"]["accuracy"]}
+            self.results["selected"] = select(rounds, self.metric, self.higher)
             self.results["final"] = dict(rounds[-1]["eval"])
+            self.results["final_validation"] = dict(rounds[-1]["validation"])
         self.results["wall_seconds"] = round(time.time() - self.start, 2)
-        tmp = self.out_dir / "results.json.tmp"
-        tmp.write_text(json.dumps(self.results, indent=2))
-        tmp.replace(self.out_dir / "results.json")
+        write_results(self.results, self.out_dir, tables=False)
+        if arrays is not None:
+            save_checkpoint(self.out_dir, server_round, arrays, self.strategy.state_dict(), self.results,
+                            self.exp.config)
 
     def finish(self, arrays: ArrayRecord) -> None:
         self.progress.close()
         cfg = self.exp.config
+        if self.strategy.aggregated == 0:
+            self.results["status"] = "failed"
+            self.results["error"] = (f"no round could be aggregated; first problem: {self.strategy.first_error}"
+                                     if self.strategy.first_error else "no round could be aggregated")
+        else:
+            self.results["status"] = "finished"
         load_trainable_state_dict(self.exp.model, arrays.to_torch_state_dict())
         save_adapter(self.exp.model, self.out_dir / "adapter", metadata={
             "model": cfg.model.name, "num_hidden_layers": cfg.model.num_hidden_layers,
-            "max_length": cfg.model.max_length, "task": cfg.task.name, "label_names": self.exp.task.label_names})
-        self._write_json()
+            "max_length": cfg.model.max_length, "task": cfg.task.name, "kind": cfg.task.kind,
+            "label_names": self.exp.task.label_names, "label_words": self.exp.task.label_words,
+            "template": self.exp.task.template,
+            "max_new_tokens": cfg.task.max_new_tokens, "model_path": getattr(self.exp.model, "name_or_path", None)})
+        self.results["wall_seconds"] = round(time.time() - self.start, 2)
         write_results(self.results, self.out_dir)
-
-
-def num_tt_cores(exp: Experiment) -> int:
-    return next(len(m.shape) for m in exp.model.modules() if isinstance(m, TTLinear))
 
 
 @app.main()
@@ -118,10 +166,14 @@ def main(grid: Grid, context: Context) -> None:
     out_dir = Path(str(context.run_config[OUT_KEY]))
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.toml").write_text(cfg.to_toml())  # `fedtt run --config <out>/config.toml` repeats the run
-    policy = FreezingPolicy(cfg.freezing, num_tt_cores(exp)) if cfg.method == "fedtt+" else None
-    strategy = FedTTStrategy(cfg, exp.model.fedtt_trainable, policy)
+    policy = None
+    if cfg.method == "fedtt+":
+        extras = sorted({g for g in exp.groups.values() if isinstance(g, str)})
+        policy = FreezingPolicy(cfg.freezing, num_cores(exp.model), extras)
+    shapes = {k: tuple(v.shape) for k, v in exp.initial.items()}
+    strategy = FedTTStrategy(cfg, exp.groups, shapes, policy)
     recorder = RunRecorder(exp, strategy, out_dir, engine=str(context.run_config.get("engine", "inprocess")))
-    initial = ArrayRecord(exp.initial)
+    initial = ArrayRecord({k: Array(v.numpy()) for k, v in exp.initial.items()})
     if context.run_config.get(RESUME_KEY, False):
         checkpoint = read_checkpoint(out_dir)
         check_resumable(checkpoint, cfg, out_dir)
@@ -131,4 +183,4 @@ def main(grid: Grid, context: Context) -> None:
     result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.federation.rounds - strategy.resumed_from,
                             train_config=ConfigRecord(), evaluate_fn=recorder.evaluate,
                             timeout=cfg.federation.round_timeout)  # then the round goes on with the replies in
-    recorder.finish(result.arrays if len(result.arrays) else initial)  # empty: no round was aggregated
+    recorder.finish(result.arrays if len(result.arrays) else initial)  # empty: no round was aggregated this run

@@ -1,18 +1,24 @@
 """The FedTT server strategy: a Flower ``Strategy`` (Message API) that sends only what is trained.
 
-Per round it samples clients (all of them cross-silo, a seeded sample of partitions cross-device), sends the
-trainable tensors plus the round's config, validates every reply before using it, averages each tensor
-separately (every TT core on its own), and counts the parameters and bytes that went down and up.
+``configure_train`` is a short list of steps: wait for the nodes, sample clients, plan the round (the FedTT+
+groups, the learning rate), check what each node holds before sending it a partial payload, run the secure
+aggregation setup, build the payloads. ``aggregate_train``: collect the replies, validate them, aggregate the
+example-weighted mean update of every tensor (every TT core on its own; under secure aggregation only the sum
+is ever unmasked), validate the aggregate, account (parameters, bytes, privacy, FedTT+ agreement), merge.
 
-Bytes are counted as Flower serializes the records of each message (``count_bytes()`` of the ArrayRecord
-and ConfigRecord going down, of the ArrayRecord and MetricRecord coming up: each tensor's ``.npy`` bytes,
-header included, plus key names), summed over clients; transport framing (gRPC / HTTP) is not included.
+Clients send their *update* (trained minus received), so averaging is the same with and without secure
+aggregation, and a half-precision wire keeps the update's relative precision. Bytes are counted as Flower
+serializes the records of each message (``count_bytes()`` of every record: the packed array with its
+``.npy`` header, the index, the config or metrics), summed over clients and over every stage of the round
+(queries included); transport framing (gRPC / HTTP) is not.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import random
+import re
 import time
 from collections.abc import Iterable
 
@@ -24,25 +30,28 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from ..config import Config
-from .freezing import FreezingPolicy, core_index, round_keys
+from ..privacy.secure_aggregation import SecureRound
+from .codec import num_values, pack, unpack
+from .freezing import FreezingPolicy, Group, round_keys
 
 logger = logging.getLogger("fedtt")
+SQ = "sq:"  # metric key prefix: a client's squared update size per group
 
 
-def check_reply(content: RecordDict, expected: dict[str, tuple[int, ...]]) -> str | None:
-    """Why a client's training reply cannot be aggregated, or None if it can."""
-    if "arrays" not in content.array_records or "metrics" not in content.metric_records:
-        return "reply lacks the 'arrays' or 'metrics' record"
-    arrays, metrics = content["arrays"], content["metrics"]
-    unknown, missing = sorted(set(arrays) - set(expected)), sorted(set(expected) - set(arrays))
+def check_update(update: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]]) -> str | None:
+    """Why a client's (decoded) update cannot be aggregated, or None if it can."""
+    unknown, missing = sorted(set(update) - set(expected)), sorted(set(expected) - set(update))
     if unknown or missing:
         return f"tensors do not match the request: unknown {unknown[:2]}, missing {missing[:2]}"
     for name, shape in expected.items():
-        array = arrays[name]
-        if tuple(array.shape) != shape or array.dtype != "float32":
-            return f"{name} is {array.dtype}{tuple(array.shape)}, expected float32{shape}"
-        if not np.isfinite(array.numpy()).all():
+        if tuple(update[name].shape) != shape:
+            return f"{name} has shape {tuple(update[name].shape)}, expected {shape}"
+        if not np.isfinite(update[name]).all():
             return f"{name} has non-finite values"
+    return None
+
+
+def check_metrics(metrics: MetricRecord) -> str | None:
     examples, loss = metrics.get("num-examples"), metrics.get("train_loss")
     if not isinstance(examples, int) or examples < 1:
         return f"num-examples is {examples!r}, expected a positive integer"
@@ -51,40 +60,108 @@ def check_reply(content: RecordDict, expected: dict[str, tuple[int, ...]]) -> st
     return None
 
 
-class FedTTStrategy(FedAvg):
-    """Example-weighted FedAvg over the trainable tensors, with FedTT+ core freezing when ``policy`` is set."""
+def client_error(reason: str) -> str:
+    """Flower's ``<class 'pkg.Error'>:<'message'>`` as ``Error: message``."""
+    match = re.fullmatch(r"<class '(?:[\w.]*\.)?(\w+)'>:<'(.*)'>", reason, flags=re.DOTALL)
+    return f"{match.group(1)}: {match.group(2)}" if match else reason
 
-    def __init__(self, config: Config, trainable: list[str], policy: FreezingPolicy | None = None):
+
+def learning_rate(config: Config, server_round: int) -> float:
+    """The round's learning rate: linear warm-up, then constant, linear or cosine decay to 0 at the end."""
+    fed = config.federation
+    if server_round <= fed.warmup_rounds:
+        return fed.lr * server_round / (fed.warmup_rounds + 1)
+    progress = (server_round - fed.warmup_rounds - 1) / max(1, fed.rounds - fed.warmup_rounds)
+    factor = {"constant": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1 + math.cos(math.pi * progress))}
+    return fed.lr * factor[fed.lr_schedule]
+
+
+class FedTTStrategy(FedAvg):
+    """Example-weighted FedAvg of the clients' updates, with FedTT+ group freezing when ``policy`` is set."""
+
+    def __init__(self, config: Config, groups: dict[str, Group | None], shapes: dict[str, tuple[int, ...]],
+                 policy: FreezingPolicy | None = None):
         super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_available_nodes=config.federation.num_clients,
                          min_train_nodes=config.clients_per_round)
-        self.config, self.trainable, self.policy = config, list(trainable), policy
+        self.config, self.groups, self.shapes, self.policy = config, dict(groups), dict(shapes), policy
+        self.trainable = list(groups)
         self.rng = random.Random(config.seed)
         self.rounds: dict[int, dict] = {}       # per-round accounting, read by the ServerApp
         self.global_arrays: ArrayRecord | None = None
-        # Version (round of the last aggregate, 0 = the seeded init every node builds) of each tensor, and the
-        # versions each node holds: a node is sent what it trains plus whatever changed since it last synced.
+        # Version (the aggregated round that last changed it, 0 = the seeded init every node builds) of each
+        # tensor, and the global state each node holds (it holds every tensor as of that many aggregated rounds):
+        # a node is sent what it trains plus whatever changed since.
         self.version = {k: 0 for k in self.trainable}
-        self.held: dict[int, dict[str, int]] = {}
-        self.sending: dict[int, dict[str, int]] = {}
+        self.held: dict[int, int] = {}
+        self.sending: dict[int, int] = {}
         # Resilience (Flower's deployment engine): nodes that vanished (no reply within round_timeout, or reported
         # offline by the SuperLink) are not waited for again, and each round's messages map replies to nodes.
         self.lost: set[int] = set()
         self.sent: dict[int, list[Message]] = {}
-        self.partition_of: dict[int, int] = {}  # node id -> partition id (cross-device sampling)
+        self.partition_of: dict[int, int] = {}  # node id -> partition id (sampling, summation order, privacy)
+        self.dp_record: dict[int, tuple[float, int]] = {}  # partition -> (sigma, DP-SGD steps), sent back on resume
+        self.aggregated = 0                     # rounds whose update was applied
+        self.first_error: str | None = None     # a run that never aggregated reports this
+        self.secure: SecureRound | None = None
+        self._replies: dict[int, RecordDict] = {}  # this round's valid replies by node
         self.resumed_from = 0  # rounds done before this process (a resumed run): Flower counts rounds from 1
+
+    # ------------------------------------------------------------------------------------- state (resume)
 
     def state_dict(self) -> dict:
         """What a resumed run needs to continue exactly: the sampler, the tensor versions, the FedTT+ policy."""
-        return {"rng": self.rng.getstate(), "version": self.version,
-                "active_cores": self.policy.active if self.policy else None}
+        return {"rng": self.rng.getstate(), "version": self.version, "aggregated": self.aggregated,
+                "dp_record": {str(k): list(v) for k, v in self.dp_record.items()},
+                "policy": self.policy.state_dict() if self.policy else None}
 
     def load_state_dict(self, state: dict, completed_rounds: int) -> None:
         version, internal, gauss = state["rng"]
         self.rng.setstate((version, tuple(internal), gauss))
         self.version = {name: int(v) for name, v in state["version"].items()}
+        self.aggregated = int(state["aggregated"])
+        self.dp_record = {int(k): (float(v[0]), int(v[1])) for k, v in state["dp_record"].items()}
         if self.policy is not None:
-            self.policy.active = list(state["active_cores"])
+            self.policy.load_state_dict(state["policy"])
         self.resumed_from = completed_rounds
+
+    # ---------------------------------------------------------------------------------------- configure
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        server_round += self.resumed_from
+        self.global_arrays = arrays
+        stats = self.rounds[server_round] = self._new_stats()
+        stats["started"] = time.monotonic()
+        nodes = self._wait_for_nodes(grid)
+        sampled = self._sample(grid, nodes, stats)
+        active = self.policy.trainable(server_round) if self.policy else None
+        keys = round_keys(self.groups, active)
+        stats.update(sampled=len(sampled), groups=active, lr=learning_rate(self.config, server_round),
+                     expected={k: self.shapes[k] for k in keys})
+        self._handshake(grid, sampled, set(keys), stats)
+        self.secure = None
+        extra = {}
+        if self.config.privacy.secure_aggregation:
+            self.secure = SecureRound(self.config, server_round, lambda asks: self._exchange(grid, asks, stats),
+                                      stats["expected"], self.groups)
+            try:
+                extra = self.secure.setup(sampled)
+            except RuntimeError as err:  # too few clients left after the key stages
+                logger.warning("round %d: secure aggregation setup failed: %s", server_round, err)
+                stats["skipped"] = f"secure aggregation setup failed: {err}"
+                extra = {}
+            sampled = [node for node in sampled if node in extra]
+        round_config = ConfigRecord({**config, "server-round": server_round, "lr": stats["lr"]})
+        if active is not None:
+            round_config["groups"] = [str(g) for g in active]
+        messages = [self._message(node, set(keys), round_config, extra.get(node), stats) for node in sampled]
+        self.sent[server_round] = messages  # the grid sets their ids when it pushes them
+        return messages
+
+    def _new_stats(self) -> dict:
+        return {"partitions": [], "groups": None, "agreement": {}, "params_down": 0, "bytes_down": 0,
+                "params_up": 0, "bytes_up": 0, "dropped": [], "contributed": 0, "train_loss": None,
+                "privacy": {}, "secure_aggregation": None}
 
     def _wait_for_nodes(self, grid: Grid) -> list[int]:
         """The connected nodes, once every node still expected is connected or ``round_timeout`` has passed.
@@ -112,120 +189,229 @@ class FedTTStrategy(FedAvg):
                 last_log = time.monotonic()
             time.sleep(1)
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
-        server_round += self.resumed_from
-        nodes = self._wait_for_nodes(grid)
-        query_bytes = (0, 0)
-        if self.config.clients_per_round < len(nodes):
-            partitions, query_bytes = self._partitions(grid, nodes)
-            node_of = {partition: node for node, partition in partitions.items()}
-            chosen = self.rng.sample(sorted(node_of), min(self.config.clients_per_round, len(node_of)))
-            sampled = sorted(node_of[partition] for partition in chosen)
-        else:
-            sampled = nodes
-        cores = self.policy.trainable_cores(server_round) if self.policy else None
-        keys = round_keys(self.trainable, cores)
-        self.global_arrays = arrays
-        round_config = ConfigRecord({**config, "server-round": server_round})
-        if cores is not None:
-            round_config["trainable-cores"] = cores
-        self.rounds[server_round] = {"clients": len(sampled), "partitions": [], "trainable_cores": cores,
-                                     "core_updates": {}, "params_down": 0, "bytes_down": query_bytes[0],
-                                     "params_up": 0, "bytes_up": query_bytes[1], "dropped": [],
-                                     "expected": {k: tuple(arrays[k].shape) for k in keys}}
-        messages = [self._message(node, set(keys), arrays, round_config, self.rounds[server_round]) for node in sampled]
-        self.sent[server_round] = messages  # the grid sets their ids when it pushes them
-        return messages
+    def _sample(self, grid: Grid, nodes: list[int], stats: dict) -> list[int]:
+        """Cross-silo: every node. Cross-device: a seeded sample of partitions (Flower's node ids are random,
+        partitions are the same on every engine, so a seed picks the same clients everywhere)."""
+        self._ask_partitions(grid, nodes, stats)
+        if self.config.clients_per_round >= len(nodes):
+            return nodes
+        node_of = {partition: node for node, partition in self.partition_of.items() if node in nodes}
+        chosen = self.rng.sample(sorted(node_of), min(self.config.clients_per_round, len(node_of)))
+        return sorted(node_of[partition] for partition in chosen)
 
-    def _partitions(self, grid: Grid, nodes: list[int]) -> tuple[dict[int, int], tuple[int, int]]:
-        """Each node's partition id, asked once per node, and the bytes (down, up) that asking took.
+    def _ask_partitions(self, grid: Grid, nodes: list[int], stats: dict) -> None:
+        """Each node's partition id, asked once per node. Two nodes that report the same partition are a
+        misconfigured federation (the same partition-id, or the same data file on two sites)."""
+        asks = [self._query(node, "partition") for node in nodes if node not in self.partition_of]
+        for reply in self._exchange(grid, asks, stats):
+            self.partition_of[reply.metadata.src_node_id] = int(reply.content["metrics"]["partition-id"])
+        seen: dict[int, int] = {}
+        for node, partition in sorted(self.partition_of.items()):
+            if partition in seen:
+                raise ValueError(f"nodes {seen[partition]} and {node} both hold partition {partition}: give every "
+                                 "SuperNode its own partition-id or data file")
+            seen[partition] = node
 
-        Sampling partitions picks the same clients for a seed on every engine (Flower's simulation and
-        deployment give nodes random ids)."""
-        unknown = [node for node in nodes if node not in self.partition_of]
-        down = up = 0
-        if unknown:
-            asks = [Message(RecordDict({"config": ConfigRecord()}), message_type=MessageType.QUERY, dst_node_id=node)
-                    for node in unknown]
-            down = sum(ask.content["config"].count_bytes() for ask in asks)
-            for reply in grid.send_and_receive(asks, timeout=self.config.federation.round_timeout):
-                if not reply.has_error() and "metrics" in reply.content.metric_records:
-                    up += reply.content["metrics"].count_bytes()
-                    self.partition_of[reply.metadata.src_node_id] = int(reply.content["metrics"]["partition-id"])
-        return {node: self.partition_of[node] for node in nodes if node in self.partition_of}, (down, up)
+    def _handshake(self, grid: Grid, nodes: list[int], keys: set[str], stats: dict) -> None:
+        """Before a partial payload (FedTT+), ask the node which global state it holds: a node that restarted
+        (its state is in memory) holds the seeded init again and is sent everything that changed since."""
+        partial = [node for node in nodes if self.held.get(node, 0) > 0 and not self._is_full(node, keys)]
+        for reply in self._exchange(grid, [self._query(node, "synced") for node in partial], stats):
+            node, holds = reply.metadata.src_node_id, int(reply.content["metrics"]["synced-round"])
+            if holds != self.held.get(node, 0):
+                logger.warning("node %d holds the global state of round %d, not %d as the server thought (did it "
+                               "restart?): it is sent what changed since", node, holds, self.held.get(node, 0))
+                self.held[node] = holds if 0 <= holds <= self.aggregated else 0
 
-    def _message(self, node: int, keys: set[str], arrays: ArrayRecord, config: ConfigRecord, stats: dict) -> Message:
-        held = self.held.get(node, {})
-        down = [k for k in self.trainable if k in keys or self.version[k] > held.get(k, 0)]
-        self.sending[node] = {k: self.version[k] for k in down}
-        content = RecordDict({"arrays": ArrayRecord({k: arrays[k] for k in down}), "config": config})
-        stats["params_down"] += sum(int(np.prod(arrays[k].shape)) for k in down)
-        stats["bytes_down"] += content["arrays"].count_bytes() + config.count_bytes()
+    def _is_full(self, node: int, keys: set[str]) -> bool:
+        return all(k in keys or self.version[k] > self.held.get(node, 0) for k in self.trainable)
+
+    def _query(self, node: int, action: str) -> Message:
+        return Message(RecordDict({"config": ConfigRecord()}), message_type=f"{MessageType.QUERY}.{action}",
+                       dst_node_id=node)
+
+    def _exchange(self, grid: Grid, messages: list[Message], stats: dict) -> list[Message]:
+        """Send query messages, count their bytes, return the replies that carry metrics."""
+        if not messages:
+            return []
+        stats["bytes_down"] += sum(r.count_bytes() for m in messages for r in m.content.values())
+        replies = []
+        for reply in grid.send_and_receive(messages, timeout=self.config.federation.round_timeout):
+            if not reply.has_error() and "metrics" in reply.content.metric_records:
+                stats["bytes_up"] += sum(r.count_bytes() for r in reply.content.values())
+                replies.append(reply)
+        return replies
+
+    def _message(self, node: int, keys: set[str], config: ConfigRecord, extra: ConfigRecord | None,
+                 stats: dict) -> Message:
+        held = self.held.get(node, 0)
+        down = [k for k in self.trainable if k in keys or self.version[k] > held]
+        full = len(down) == len(self.trainable)
+        self.sending[node] = self.aggregated
+        arrays, index = pack({k: self.global_arrays[k].numpy() for k in down}, self.config.federation.wire_dtype)
+        partition = self.partition_of.get(node)
+        sigma, steps = self.dp_record.get(partition, (0.0, 0))
+        node_config = ConfigRecord({**config, "full": full, "base-round": held, "sync-round": self.sending[node],
+                                    "dp-prior-sigma": sigma, "dp-prior-steps": steps})
+        content = RecordDict({"arrays": arrays, "wire": index, "config": node_config})
+        if extra is not None:
+            content["secagg"] = extra
+        stats["params_down"] += num_values(arrays)
+        stats["bytes_down"] += sum(r.count_bytes() for r in content.values())
         return Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node)
+
+    # ---------------------------------------------------------------------------------------- aggregate
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None,
                                                                                       MetricRecord | None]:
         server_round += self.resumed_from
         stats = self.rounds[server_round]
+        try:
+            return self._aggregate(server_round, replies, stats)
+        finally:  # the round's wall time: from sampling to the merged adapter, every stage included
+            stats["seconds"] = round(time.monotonic() - stats.pop("started"), 3)
+
+    def _aggregate(self, server_round: int, replies: Iterable[Message], stats: dict):
+        valid = self._collect(server_round, replies, stats)
+        if len(valid) < self.config.federation.min_replies:
+            return self._skip(server_round, stats, f"{len(valid)} of {stats['sampled']} replies valid")
+        valid.sort(key=lambda v: v[1]["partition-id"])  # a fixed summation order on every engine
+        stats["partitions"] = [m["partition-id"] for _, m in valid]
+        weights = {node: float(m["num-examples"]) if self.config.federation.weighting == "examples" else 1.0
+                   for node, m in valid}
+        if self.secure is not None:
+            try:
+                total = self.secure.aggregate({node: content for node, content in self._contents(valid)}, weights)
+            except RuntimeError as err:  # too few survivors to unmask: the round is skipped
+                return self._skip(server_round, stats, f"secure aggregation aborted: {err}")
+            deltas, squares, weight = total
+        else:
+            deltas, squares, weight = self._plain_sums(valid, weights)
+        problem = self._check_aggregate(deltas)
+        if problem:
+            return self._skip(server_round, stats, f"the aggregate is unusable: {problem}")
+        mean = {k: v / weight for k, v in deltas.items()}
+        stats["train_loss"] = float(sum(weights[n] * m["train_loss"] for n, m in valid) / sum(weights.values()))
+        stats["contributed"] = len(valid)
+        shares = np.array(list(weights.values())) / sum(weights.values())
+        agreement = self._agreement(mean, {g: s / weight for g, s in squares.items()}, float((shares ** 2).sum()))
+        stats["agreement"] = {str(g): a for g, a in agreement.items()}
+        if self.policy is not None:
+            self.policy.observe(server_round, agreement)
+        self.aggregated += 1
+        self.version.update({name: self.aggregated for name in mean})
+        merged = {name: self.global_arrays[name] for name in self.global_arrays}
+        merged.update({name: Array((self.global_arrays[name].numpy().astype(np.float64) + value).astype(np.float32))
+                       for name, value in mean.items()})
+        return ArrayRecord(merged), MetricRecord({"train_loss": stats["train_loss"]})
+
+    def _collect(self, server_round: int, replies: Iterable[Message], stats: dict) -> list[tuple[int, MetricRecord]]:
+        """The valid replies as (node, metrics); every other reply, and every node that did not answer, is
+        logged and recorded with its reason. Bytes and parameters count everything that came up."""
         sent = self.sent.pop(server_round, [])
         # Errors the SuperLink makes (e.g. node unavailable) come from the SuperLink's node id: map by message id.
         node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in sent if m.metadata.message_id}
-        answered = set()
-        valid = []
+        answered, valid = set(), []
+        self._replies = {}
         for reply in replies:
             node = node_of.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
             answered.add(node)
             if reply.has_error():
-                problem = f"client failed: {reply.error.reason}"
+                problem = f"client failed: {client_error(reply.error.reason)}"
                 if reply.error.code == ErrorCode.NODE_UNAVAILABLE:
                     self.lost.add(node)
             else:
-                self.held[node] = {**self.held.get(node, {}), **self.sending.get(node, {})}  # it got them
+                self.held[node] = self.sending.get(node, 0)  # it got the payload
                 content = reply.content
                 stats["bytes_up"] += sum(r.count_bytes() for r in content.values())
-                problem = check_reply(content, stats["expected"])
+                if "arrays" in content.array_records:
+                    stats["params_up"] += num_values(content["arrays"])
+                problem = self._check_reply(content, stats["expected"])
             if problem:
-                logger.warning("round %d: dropped the reply of node %d: %s", server_round, node, problem)
-                stats["dropped"].append({"node": node, "reason": problem})
+                self._drop(server_round, stats, node, problem)
             else:
-                valid.append(reply.content)
-                stats["params_up"] += sum(int(np.prod(shape)) for shape in stats["expected"].values())
+                self._replies[node] = reply.content
+                valid.append((node, reply.content["metrics"]))
+                self._account_privacy(reply.content["metrics"], stats)
         for node in sorted({m.metadata.dst_node_id for m in sent} - answered):  # the round timed out on them
-            problem = f"no reply within federation.round_timeout = {self.config.federation.round_timeout:g} s"
-            logger.warning("round %d: dropped node %d: %s", server_round, node, problem)
-            stats["dropped"].append({"node": node, "reason": problem})
+            self._drop(server_round, stats, node,
+                       f"no reply within federation.round_timeout = {self.config.federation.round_timeout:g} s")
             self.lost.add(node)
-        stats["contributed"] = len(valid)
-        if len(valid) < self.config.federation.min_replies:
-            logger.warning("round %d: %d valid replies < federation.min_replies = %d; the global adapter is kept",
-                           server_round, len(valid), self.config.federation.min_replies)
-            stats["train_loss"] = None
-            return None, None
-        valid.sort(key=lambda c: c["metrics"].get("partition-id", 0))  # a fixed summation order on every engine
-        stats["partitions"] = [c["metrics"].get("partition-id") for c in valid]
-        weights = np.array([c["metrics"]["num-examples"] if self.config.federation.weighting == "examples" else 1
-                            for c in valid], dtype=np.float64)
-        weights /= weights.sum()
-        stats["train_loss"] = float(sum(w * c["metrics"]["train_loss"] for w, c in zip(weights, valid)))
-        averaged = {name: sum(w * c["arrays"][name].numpy().astype(np.float64) for w, c in zip(weights, valid))
-                    for name in stats["expected"]}
-        relative = self._relative_updates(averaged)
-        # the adaptive policy's signal, kept for every TT run so a threshold can be chosen from a past run
-        stats["core_updates"] = {str(c): (round(v, 6) if np.isfinite(v) else None) for c, v in sorted(relative.items())}
-        if self.policy is not None:
-            self.policy.observe(relative)
-        self.version.update({name: server_round for name in averaged})
-        merged = {name: self.global_arrays[name] for name in self.global_arrays}
-        merged.update({name: Array(value.astype(np.float32)) for name, value in averaged.items()})
-        return ArrayRecord(merged), MetricRecord({"train_loss": stats["train_loss"]})
+        return valid
 
-    def _relative_updates(self, averaged: dict[str, np.ndarray]) -> dict[int, float]:
-        """``||G_new - G_old|| / ||G_old||`` per core index, over every TT layer."""
-        delta, norm = {}, {}
-        for name, new in averaged.items():
-            if (core := core_index(name)) is not None:
-                old = self.global_arrays[name].numpy().astype(np.float64)
-                delta[core] = delta.get(core, 0.0) + float(((new - old) ** 2).sum())
-                norm[core] = norm.get(core, 0.0) + float((old ** 2).sum())
-        return {c: (delta[c] / norm[c]) ** 0.5 if norm[c] > 0 else float("inf") for c in delta}
+    def _check_reply(self, content: RecordDict, expected: dict[str, tuple[int, ...]]) -> str | None:
+        if "arrays" not in content.array_records or "metrics" not in content.metric_records:
+            return "reply lacks the 'arrays' or 'metrics' record"
+        problem = check_metrics(content["metrics"])
+        if problem or self.secure is not None:  # a masked upload can only be checked for its form
+            return problem or self.secure.check_masked(content)
+        if "wire" not in content.config_records:
+            return "reply lacks its 'wire' index"
+        try:
+            update = unpack(content["arrays"], content["wire"])
+        except ValueError as err:
+            return str(err)
+        return check_update(update, expected)
+
+    def _drop(self, server_round: int, stats: dict, node: int, problem: str) -> None:
+        logger.warning("round %d: dropped the reply of node %d: %s", server_round, node, problem)
+        stats["dropped"].append({"node": node, "reason": problem})
+        self.first_error = self.first_error or f"round {server_round}: node {node}: {problem}"
+
+    def _skip(self, server_round: int, stats: dict, why: str) -> tuple[None, None]:
+        logger.warning("round %d: %s (federation.min_replies = %d); the global adapter is kept", server_round, why,
+                       self.config.federation.min_replies)
+        stats["skipped"] = why
+        self.first_error = self.first_error or f"round {server_round}: {why}"
+        return None, None
+
+    def _contents(self, valid: list[tuple[int, MetricRecord]]):
+        return [(node, self._replies[node]) for node, _ in valid]
+
+    def _plain_sums(self, valid, weights) -> tuple[dict[str, np.ndarray], dict[str, float], float]:
+        """Sum over clients of w_c * update_c (per tensor, float64) and of w_c * squared size (per group)."""
+        deltas: dict[str, np.ndarray] = {}
+        squares: dict[str, float] = {}
+        for node, metrics in valid:
+            content, w = self._replies[node], weights[node]
+            for name, value in unpack(content["arrays"], content["wire"]).items():
+                deltas[name] = deltas.get(name, 0.0) + w * value.astype(np.float64)
+            for key in metrics:
+                if key.startswith(SQ):
+                    squares[key[len(SQ):]] = squares.get(key[len(SQ):], 0.0) + w * float(metrics[key])
+        return deltas, squares, sum(weights.values())
+
+    def _check_aggregate(self, deltas: dict[str, np.ndarray]) -> str | None:
+        for name, value in deltas.items():
+            if not np.isfinite(value).all():
+                return f"{name} has non-finite values"
+        return None
+
+    def _agreement(self, mean: dict[str, np.ndarray], mean_squares: dict[str, float],
+                   chance: float) -> dict[Group, float]:
+        """Per group, how much the clients' updates agree: the ratio ``||weighted mean update||^2 / weighted mean
+        of the clients' ||update||^2`` (1: identical updates; ``chance`` = sum of squared weights, 1/N for N
+        equal clients: unrelated updates), rescaled so that 1 stays 1 and chance becomes 0.
+        ``mean_squares``: per group (by the name clients report it under), the weighted mean over clients of
+        the mean square of their update's values."""
+        norms: dict[Group, float] = {}
+        values: dict[Group, int] = {}
+        for name, value in mean.items():
+            group = self.groups.get(name)
+            if group is not None:
+                norms[group] = norms.get(group, 0.0) + float((value ** 2).sum())
+                values[group] = values.get(group, 0) + value.size
+        agreement = {}
+        for g, norm in norms.items():
+            ratio = min(1.0, norm / (mean_squares[str(g)] * values[g])) if mean_squares.get(str(g), 0) > 0 else 1.0
+            agreement[g] = round((ratio - chance) / (1 - chance), 6) if chance < 1 else 1.0
+        return agreement
+
+    def _account_privacy(self, metrics: MetricRecord, stats: dict) -> None:
+        if "epsilon" in metrics:
+            partition = int(metrics["partition-id"])
+            self.dp_record[partition] = (float(metrics["noise-multiplier"]), int(metrics["dp-steps"]))
+            stats["privacy"][str(partition)] = {"epsilon": float(metrics["epsilon"]),
+                                                "noise_multiplier": float(metrics["noise-multiplier"]),
+                                                "sample_rate": float(metrics["sample-rate"]),
+                                                "steps": int(metrics["dp-steps"])}

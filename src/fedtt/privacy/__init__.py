@@ -1,0 +1,1 @@
+"""Privacy components: secure aggregation."""

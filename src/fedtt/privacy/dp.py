@@ -1,0 +1,175 @@
+"""Local DP-SGD on a client: Poisson-sampled batches, Opacus per-example clipping and Gaussian noise on exactly
+the tensors that train this round, and an accountant composed over every round the client trained.
+
+The guarantee is example-level (epsilon, delta)-DP for each client's local dataset, against anyone who sees
+that client's updates (the server included), for the whole run: the client's steps of every round it took part
+in are composed (RDP or PRV accountant of Opacus). Server-side client sampling gives no amplification against
+the server, which knows who took part, so none is claimed. With ``target_epsilon`` the noise multiplier is
+calibrated once, at the client's first round, for the planned steps (every round, ``local_steps`` each, or
+``local_epochs`` passes) and kept for the run, so a client sampled in fewer rounds spends less; a client whose
+next round would exceed ``target_epsilon`` (a run extended past its plan, or a fixed ``noise_multiplier`` too
+small) refuses to train, and the run says so.
+
+Hooks are attached for the client's step and removed after it, with every attribute Opacus adds, because the
+in-process engine shares one model between the server and all clients (leftovers silently corrupt the next
+client's per-example gradients). Noise comes from a seeded generator, so a seed reproduces a run; Opacus'
+``secure_mode`` needs torchcsprng, which has no build for this torch, so the noise is pseudo-random.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from functools import lru_cache
+
+import torch
+from flwr.app import ConfigRecord
+
+STATE = "fedtt-dp"  # context.state record: this client's noise multiplier and the DP-SGD steps it has taken
+MODULE_ATTRS = ("activations", "max_batch_len", "ft_compute_sample_grad", "autograd_grad_sample_hooks")
+
+
+class PrivacyBudgetExhausted(ValueError):
+    pass
+
+
+def default_delta(num_examples: int) -> float:
+    """Below 1/n, as (epsilon, delta)-DP needs to mean anything: 1e-5, or 1/(10 n) for larger datasets."""
+    return min(1e-5, 1.0 / (10 * num_examples))
+
+
+def steps_per_round(federation, num_examples: int) -> int:
+    return federation.local_epochs * math.ceil(num_examples / federation.batch_size) if federation.local_epochs \
+        else federation.local_steps
+
+
+def epsilon(accountant: str, sigma: float, sample_rate: float, steps: int, delta: float) -> float:
+    """The (epsilon at delta) of ``steps`` DP-SGD steps, by Opacus' accountant."""
+    if steps == 0:
+        return 0.0
+    acc = _accountant(accountant)
+    acc.history = [(sigma, sample_rate, steps)]
+    return float(acc.get_epsilon(delta=delta))
+
+
+@lru_cache(maxsize=256)
+def calibrated_sigma(accountant: str, target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+    """The smallest noise multiplier (to Opacus' tolerance) whose ``steps`` steps stay within the target."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the")
+        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
+                                          steps=steps, accountant=accountant, epsilon_tolerance=0.01))
+
+
+def _accountant(name: str):
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    return RDPAccountant() if name == "rdp" else PRVAccountant()
+
+
+class LocalDP:
+    """One client's DP-SGD for one round."""
+
+    def __init__(self, privacy, federation, num_examples: int, rounds: int, prior: tuple[float, int] | None,
+                 noise_seed: int):
+        """``prior``: (noise multiplier, DP-SGD steps) of the client's earlier rounds in this run, if any."""
+        self.privacy, self.n = privacy, num_examples
+        self.batch_size = min(federation.batch_size, num_examples)
+        self.sample_rate = self.batch_size / num_examples
+        self.steps = steps_per_round(federation, num_examples)
+        self.delta = privacy.delta if privacy.delta is not None else default_delta(num_examples)
+        if self.delta >= 1.0 / num_examples:
+            raise ValueError(f"privacy.delta = {self.delta:g} is not below 1/n = {1 / num_examples:g} for a client "
+                             f"with {num_examples} examples; use a smaller delta (or leave it unset)")
+        if prior is not None:
+            self.sigma, self.prior_steps = prior
+        elif privacy.noise_multiplier is not None:
+            self.sigma, self.prior_steps = privacy.noise_multiplier, 0
+        else:
+            self.sigma, self.prior_steps = calibrated_sigma(privacy.accountant, privacy.target_epsilon, self.delta,
+                                                            self.sample_rate, rounds * self.steps), 0
+        self.noise_seed = noise_seed
+        after = self.epsilon(self.prior_steps + self.steps)
+        if privacy.target_epsilon is not None and after > privacy.target_epsilon * (1 + 1e-6):
+            raise PrivacyBudgetExhausted(
+                f"privacy budget exhausted: this round would bring epsilon to {after:.3f} > privacy.target_epsilon = "
+                f"{privacy.target_epsilon:g} (after {self.prior_steps} DP-SGD steps); the client does not train")
+
+    @classmethod
+    def for_round(cls, exp, context, config, num_examples: int, noise_seed: int) -> LocalDP:
+        """The round's DP-SGD: the noise and steps so far are the client's own record, or the server's if that
+        counts more steps (a client whose state was lost with its process, e.g. on ``fedtt run --resume``)."""
+        records = []
+        if STATE in context.state.config_records:
+            own = context.state[STATE]
+            records.append((float(own["sigma"]), int(own["steps"])))
+        if int(config.get("dp-prior-steps", 0)) > 0:
+            records.append((float(config["dp-prior-sigma"]), int(config["dp-prior-steps"])))
+        prior = max(records, key=lambda r: r[1]) if records else None
+        return cls(exp.config.privacy, exp.config.federation, num_examples, exp.config.federation.rounds, prior,
+                   noise_seed)
+
+    def epsilon(self, steps: int) -> float:
+        return epsilon(self.privacy.accountant, self.sigma, self.sample_rate, steps, self.delta)
+
+    def batches(self, num_examples: int, generator: torch.Generator) -> list[list[int]]:
+        """Poisson sampling: each example is in each step's batch independently with probability q."""
+        return [(torch.rand(num_examples, generator=generator) < self.sample_rate).nonzero().reshape(-1).tolist()
+                for _ in range(self.steps)]
+
+    @contextlib.contextmanager
+    def attached(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        """Per-example gradient hooks on the modules that train now, and Opacus' DP optimizer around
+        ``optimizer``; on exit the model is exactly as before."""
+        from opacus.grad_sample import GradSampleModule
+        from opacus.optimizers import DPOptimizer
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
+            wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=True)
+            try:
+                yield DPOptimizer(optimizer, noise_multiplier=self.sigma, max_grad_norm=self.privacy.max_grad_norm,
+                                  expected_batch_size=self.batch_size, loss_reduction="mean",
+                                  generator=torch.Generator().manual_seed(self.noise_seed))
+            finally:
+                _detach(wrapped)
+
+    def noise_only(self, optimizer) -> None:
+        """An empty Poisson batch still takes a step: zero per-example gradients, so the update is noise."""
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def finish(self, context) -> dict[str, float | int]:
+        """Record the round's steps in the client's state; the metrics its reply carries."""
+        total = self.prior_steps + self.steps
+        context.state[STATE] = ConfigRecord({"sigma": self.sigma, "steps": total})
+        return {"epsilon": self.epsilon(total), "delta": self.delta, "dp-steps": total,
+                "noise-multiplier": self.sigma, "sample-rate": self.sample_rate}
+
+
+def _detach(wrapped) -> None:
+    model = wrapped.to_standard_module()
+    from opacus.grad_sample.gsm_base import OPACUS_PARAM_MONKEYPATCH_ATTRS
+
+    for module in model.modules():
+        for attr in MODULE_ATTRS:
+            module.__dict__.pop(attr, None)
+    for p in model.parameters():
+        for attr in (*OPACUS_PARAM_MONKEYPATCH_ATTRS, "summed_grad"):
+            p.__dict__.pop(attr, None)
+        p.grad = None
+
+
+def check_delta(privacy, partition_sizes: list[int]) -> None:
+    """Before a run: a configured delta must be below 1/n for every client (else the guarantee is void)."""
+    if privacy.dp and privacy.delta is not None and partition_sizes:
+        smallest = min(partition_sizes)
+        if privacy.delta >= 1.0 / smallest:
+            raise ValueError(f"privacy.delta = {privacy.delta:g} is not below 1/n = {1 / smallest:g} for the smallest "
+                             f"client ({smallest} examples); use a smaller delta (or leave it unset)")

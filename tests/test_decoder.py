@@ -1,0 +1,112 @@
+"""Decoder LLMs: federated instruction tuning of a truncated SmolLM2 (real weights, templated TREC), generation,
+label likelihood, adapters in PEFT's format, and every tensor on the configured device."""
+
+import copy
+
+import pytest
+import torch
+from peft import PeftModel
+
+import fedtt
+import fedtt.federated.batches
+from fedtt.cli import main
+from fedtt.config import load_config
+from fedtt.federated.evaluation import generate
+from fedtt.federated.task import experiment, run_config_for, train_local
+from fedtt.models import load_backbone
+from fedtt.run import run
+
+TREC = ["model.name='smollm2'", "model.num_hidden_layers=2", "model.max_length=96", "task.kind='instruction'",
+        "task.name='trec'", "task.max_eval_examples=16", "task.max_new_tokens=4", "task.eval_batch_size=16",
+        "federation.batch_size=4", "federation.local_steps=4", "federation.rounds=2", "federation.partition='iid'",
+        "federation.lr=1e-2"]
+
+
+@pytest.fixture(scope="module")
+def instruction_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smollm2")
+    return run(load_config(None, TREC), out), out
+
+
+def test_federated_instruction_tuning_lowers_the_held_out_response_loss(instruction_run):
+    results, _ = instruction_run
+    before, after = results["initial"]["validation"], results["rounds"][-1]["validation"]
+    assert after["loss"] < 0.8 * before["loss"] and after["perplexity"] < before["perplexity"]
+    for metrics in (before, after):
+        assert 0 <= metrics["accuracy"] <= 1 and 0 <= metrics["label_accuracy"] <= 1
+    assert results["generation"] == {"decoding": "greedy", "do_sample": False, "max_new_tokens": 4}
+    assert results["kind"] == "instruction" and results["selection"]["metric"] == "accuracy"
+
+
+def test_generation_from_the_saved_adapter_equals_the_in_memory_model(instruction_run):
+    results, out = instruction_run
+    exp = experiment(run_config_for(load_config(None, TREC), str(out)))
+    fedtt.load_adapter(exp.model, out / "adapter")  # the final global adapter, into the run's own model
+    prompts = [exp.validation.input_ids[i][: exp.validation.response_start[i]] for i in range(6)]
+    in_memory = generate(exp.model, exp.tokenizer, prompts, exp.device, 4, 8)
+    saved = fedtt.load_pretrained(out / "adapter", device="cpu")  # a fresh backbone and the adapter directory
+    assert generate(saved.model, saved.tokenizer, prompts, saved.device, 4, 8) == in_memory
+    text = exp.task.validation[0]["prompt"]
+    assert saved.generate([text], max_new_tokens=4) == generate(
+        exp.model, exp.tokenizer, [fedtt.federated.batches.prompt_ids(exp.tokenizer, text)], exp.device, 4, 8)
+    labels = saved.classify([exp.task.validation[0]["text"], "Who wrote Hamlet ?"])
+    assert all(label in exp.task.label_names and 0 < p <= 1 for label, p in labels)
+
+
+def test_the_cli_generates_and_predicts_with_a_decoder_adapter(instruction_run, capsys, tmp_path):
+    _, out = instruction_run
+    (tmp_path / "prompts.txt").write_text("Question: Who wrote Hamlet ?\nQuestion: How far is the moon ?\n")
+    assert main(["generate", "--adapter", str(out / "adapter"), "--file", str(tmp_path / "prompts.txt"),
+                 "--max-new-tokens", "3"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("Question: Who wrote Hamlet ?\t")
+    assert main(["predict", "--adapter", str(out / "adapter"), "--text", "How far is the moon ?"]) == 0
+    label, probability, text = capsys.readouterr().out.strip().split("\t")
+    assert label in ("ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM") and text == "How far is the moon ?"
+
+
+@pytest.mark.parametrize("method", ["lora", "ffa-lora", "fedtt"])
+def test_a_causal_lm_adapter_round_trips_and_lora_loads_with_plain_peft(method, tmp_path):
+    base, tokenizer = load_backbone("smollm2", causal_lm=True, num_hidden_layers=2)
+    model = fedtt.inject(copy.deepcopy(base), fedtt.AdapterConfig(method=method, target_modules=None))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.02 * torch.randn_like(p))
+    batch = tokenizer(["The capital of France is", "Two plus two is"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = model.eval()(**batch).logits
+    fedtt.save_adapter(model, tmp_path, metadata={"model": "smollm2", "kind": "instruction"})
+    with torch.no_grad():
+        again = fedtt.load_adapter(copy.deepcopy(base), tmp_path).eval()(**batch).logits
+        assert torch.equal(again, expected)
+        if method != "fedtt":
+            peft = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
+            assert torch.equal(peft(**batch).logits, expected)
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_training_and_evaluation_tensor_is_on_the_configured_device(device):
+    cfg = load_config(None, TREC + [f"model.device='{device}'", "federation.local_steps=1", "task.max_eval_examples=4"])
+    exp = experiment(run_config_for(cfg, "/unused"))
+    seen = []
+
+    def check(module, args, kwargs):
+        for value in [*args, *kwargs.values()]:
+            if isinstance(value, torch.Tensor):
+                seen.append(value.device.type)
+
+    handles = [m.register_forward_pre_hook(check, with_kwargs=True) for m in exp.model.modules()]
+    try:
+        train_local(exp, exp.train, exp.partitions[0], seed=0, lr=1e-3)
+        from fedtt.federated.evaluation import evaluate
+
+        evaluate(exp, exp.validation)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert seen and set(seen) == {device}
+    assert {p.device.type for p in exp.model.parameters()} == {device}
