@@ -1,36 +1,69 @@
 #!/usr/bin/env bash
-# Regenerates docs/results.md: every table there is printed by the `fedtt compare` command written above it.
-# Usage: bash bench/results.sh [SECTION ... | --doc-only]   (default: all sections; each about 20 min on 2 cores)
+# Regenerates docs/results.md: every table there is printed by the `fedtt compare` / `fedtt tune` command
+# written above it. Every method runs with its own defaults (src/fedtt/defaults.py, chosen by the `tune`
+# sections on validation), the same data, splits, budget and seeds; tables give the test metric at the
+# validation-selected round and at the final round, mean +- std over the seeds.
+# Usage: bash bench/results.sh [SECTION ... | --doc-only]   (default: every section; hours on 2 cores)
+# Run sections one at a time: two torch jobs on 2 cores are several times slower than one after the other.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
 OUT=${OUT:-runs/results}
-ALL=fedtt,fedtt+:cyclic,fedtt+:fixed,fedtt+:adaptive,lora,ffa-lora,centralized
+FEDERATED=fedtt,fedtt+:adaptive,fedtt+:cyclic,fedtt+:fixed,lora,ffa-lora
+ALL=$FEDERATED,centralized,centralized:lora  # centralized: one client, so the same run for every partition
+MAIN=fedtt,fedtt+,lora,ffa-lora
 declare -A TITLE ARGS
+TITLE[tune-fedtt]="Choosing the defaults: FedTT (learning rate x adapter biases), Rotten Tomatoes, Dirichlet 0.5, validation only"
+ARGS[tune-fedtt]="tune --config configs/demo.toml --quick --seeds 0,1 --methods fedtt --grid federation.lr=1e-3,3e-3,1e-2 --grid adapter.train_biases=true,false"
+TITLE[tune-lora]="Choosing the defaults: LoRA and FFA-LoRA (learning rate), Rotten Tomatoes, Dirichlet 0.5, validation only"
+ARGS[tune-lora]="tune --config configs/demo.toml --quick --seeds 0,1 --methods lora,ffa-lora --grid federation.lr=1e-3,3e-3,1e-2"
 TITLE[rt-dir0.5]="Rotten Tomatoes, 3 clients, Dirichlet alpha = 0.5"
-ARGS[rt-dir0.5]="--config configs/demo.toml --methods $ALL"
-TITLE[rt-dir0.5-long]="Rotten Tomatoes, 3 clients, Dirichlet alpha = 0.5, 15 rounds"
-ARGS[rt-dir0.5-long]="--config configs/demo.toml --methods fedtt,fedtt+:adaptive,fedtt+:cyclic,lora,ffa-lora --set federation.rounds=15"
+ARGS[rt-dir0.5]="compare --config configs/demo.toml --quick --seeds 0,1,2 --methods $ALL"
 TITLE[rt-dir0.1]="Rotten Tomatoes, 3 clients, Dirichlet alpha = 0.1"
-ARGS[rt-dir0.1]="--config configs/demo.toml --methods $ALL --set federation.alpha=0.1"
+ARGS[rt-dir0.1]="compare --config configs/demo.toml --quick --seeds 0,1,2 --methods $FEDERATED --set federation.alpha=0.1"
 TITLE[rt-iid]="Rotten Tomatoes, 3 clients, IID"
-ARGS[rt-iid]="--config configs/demo.toml --methods $ALL --set federation.partition=iid"
+ARGS[rt-iid]="compare --config configs/demo.toml --quick --seeds 0,1,2 --methods $FEDERATED --set federation.partition=iid"
 TITLE[rt-skew]="Rotten Tomatoes, 3 clients, label skew [[.15,.85],[.85,.15],[.5,.5]]"
-ARGS[rt-skew]="--config configs/cross_silo.toml --methods $ALL"
+ARGS[rt-skew]="compare --config configs/cross_silo.toml --quick --seeds 0,1,2 --methods $FEDERATED"
 TITLE[trec-dir0.5]="TREC (6 classes), 3 clients, Dirichlet alpha = 0.5"
-ARGS[trec-dir0.5]="--config configs/demo.toml --methods $ALL --set task.name=trec"
-TITLE[rt-xdev]="Cross-device: Rotten Tomatoes, 100 clients, 10 per round, Dirichlet alpha = 1.0"
-ARGS[rt-xdev]="--config configs/cross_device.toml --methods fedtt,lora,ffa-lora --set federation.num_clients=100 --set federation.rounds=10"
-ORDER=(rt-dir0.5 rt-dir0.5-long rt-dir0.1 rt-iid rt-skew trec-dir0.5 rt-xdev)
-# --doc-only: rebuild docs/results.md from the sections already run. Run sections one at a time: two torch
-# jobs on 2 cores are several times slower than one after the other (even with OMP_NUM_THREADS=1 each).
+ARGS[trec-dir0.5]="compare --config configs/demo.toml --quick --seeds 0,1,2 --methods $ALL --set task.name=trec"
+TITLE[rt-xdev]="Cross-device: Rotten Tomatoes, 100 clients, 10 per round, Dirichlet alpha = 1.0, 10 rounds"
+ARGS[rt-xdev]="compare --config configs/cross_device.toml --quick --seeds 0,1,2 --methods fedtt,lora,ffa-lora --set federation.num_clients=100 --set federation.rounds=10"
+TITLE[rt-dir0.5-long]="Rotten Tomatoes, 3 clients, Dirichlet alpha = 0.5, 15 rounds"
+ARGS[rt-dir0.5-long]="compare --config configs/demo.toml --quick --seeds 0,1,2 --methods $MAIN --set federation.rounds=15"
+TITLE[rt-dir0.1-long]="Rotten Tomatoes, 3 clients, Dirichlet alpha = 0.1, 15 rounds"
+ARGS[rt-dir0.1-long]="compare --config configs/demo.toml --quick --seeds 0,1,2 --methods fedtt+,lora --set federation.rounds=15 --set federation.alpha=0.1"
+TITLE[trec-dir0.5-long]="TREC (6 classes), 3 clients, Dirichlet alpha = 0.5, 15 rounds"
+ARGS[trec-dir0.5-long]="compare --config configs/demo.toml --quick --seeds 0,1,2 --methods $MAIN --set federation.rounds=15 --set task.name=trec"
+TITLE[init]="Ablation: LoRETTA's random init instead of the identity init (Rotten Tomatoes, Dirichlet 0.5)"
+ARGS[init]="compare --config configs/demo.toml --quick --seeds 0,1,2 --methods fedtt,fedtt+ --set adapter.init=loretta"
+TITLE[norms]="Controlled extras: every method also trains the LayerNorms (Rotten Tomatoes, Dirichlet 0.5)"
+ARGS[norms]="compare --config configs/demo.toml --quick --seeds 0,1,2 --methods $MAIN --set adapter.train_norms=true"
+TITLE[optimizer]="Ablation: warm-up 1 round, linear decay, gradient clipping 1.0 (Rotten Tomatoes, Dirichlet 0.5)"
+ARGS[optimizer]="compare --config configs/demo.toml --quick --seeds 0,1,2 --methods fedtt,lora --set federation.warmup_rounds=1 --set federation.lr_schedule=linear --set federation.clip_grad_norm=1.0"
+TITLE[head]="Ablation: the tensorized head (a TT layer beside the pooler; Rotten Tomatoes, Dirichlet 0.5)"
+ARGS[head]="compare --config configs/demo.toml --quick --seeds 0,1,2 --methods fedtt,fedtt+ --set adapter.head=tensorized"
+for eps in 8 3 1; do
+  TITLE[dp-eps$eps]="Local DP-SGD, epsilon = $eps per client for the whole run (delta 1e-5, clipping 1.0; Rotten Tomatoes, Dirichlet 0.5)"
+  ARGS[dp-eps$eps]="compare --config configs/demo.toml --quick --seeds 0,1,2 --methods $MAIN --set privacy.dp=true --set privacy.target_epsilon=$eps"
+done
+for dtype in float16 bfloat16; do
+  TITLE[wire-$dtype]="Half precision on the wire: federation.wire_dtype = $dtype, both directions (Rotten Tomatoes, Dirichlet 0.5)"
+  ARGS[wire-$dtype]="compare --config configs/demo.toml --quick --seeds 0,1,2 --methods fedtt,lora --set federation.wire_dtype=$dtype"
+done
+TITLE[smollm2-trec]="Decoder: SmolLM2-135M instruction tuning on templated TREC, 3 clients, Dirichlet 0.5"
+ARGS[smollm2-trec]="compare --config configs/smollm2_instruct.toml --seeds 0,1 --methods $MAIN"
+TITLE[smollm2-sms]="Decoder: SmolLM2-135M instruction tuning on templated SMS spam, 3 clients, Dirichlet 0.5"
+ARGS[smollm2-sms]="compare --config configs/smollm2_instruct.toml --seeds 0,1 --methods $MAIN --set task.name=sms_spam"
+ORDER=(tune-fedtt tune-lora rt-dir0.5 rt-dir0.1 rt-iid rt-skew trec-dir0.5 rt-xdev rt-dir0.5-long rt-dir0.1-long
+       trec-dir0.5-long init norms optimizer head wire-float16 wire-bfloat16 dp-eps8 dp-eps3 dp-eps1 smollm2-trec
+       smollm2-sms)
 if [[ "${1:-}" == --doc-only ]]; then sections=(); else sections=("${@:-${ORDER[@]}}"); fi
 mkdir -p "$OUT"
 for s in "${sections[@]}"; do
   [[ -n "${ARGS[$s]:-}" ]] || { echo "unknown section $s; sections: ${ORDER[*]}"; exit 2; }
-  dir="$OUT/$s"
   # shellcheck disable=SC2086
-  .venv/bin/fedtt compare --quick --overwrite --out "$dir" ${ARGS[$s]} > "$dir.log" 2>&1 || { cat "$dir.log"; exit 1; }
+  .venv/bin/fedtt ${ARGS[$s]} --overwrite --out "$OUT/$s" > "$OUT/$s.log" 2>&1 || { tail -n 30 "$OUT/$s.log"; exit 1; }
 done
 
 # The hand-written reading above the marker is kept; everything below it is regenerated.
@@ -39,9 +72,10 @@ doc=docs/results.md.tmp
 awk -v m="$MARKER" '{print} $0 == m {found = 1; exit} END {exit !found}' docs/results.md > "$doc" \
   || { echo "docs/results.md lacks the marker line; put it back: $MARKER"; exit 1; }
 for s in "${ORDER[@]}"; do
-  [[ -f "$OUT/$s/comparison.md" ]] || continue
-  printf '\n## %s\n\n```\nfedtt compare --quick --out %s %s\n```\n\n' "${TITLE[$s]}" "$OUT/$s" "${ARGS[$s]}" >> "$doc"
-  tail -n +3 "$OUT/$s/comparison.md" >> "$doc"  # from its table: the section heading above replaces its title
+  table="$OUT/$s/comparison.md"; [[ -f "$OUT/$s/tune.md" ]] && table="$OUT/$s/tune.md"
+  [[ -f "$table" ]] || continue
+  printf '\n## %s\n\n```\nfedtt %s --out %s\n```\n\n' "${TITLE[$s]}" "${ARGS[$s]}" "$OUT/$s" >> "$doc"
+  tail -n +3 "$table" >> "$doc"  # from its table: the section heading above replaces its title
 done
 printf '\n## Communication at paper scale (meta device, no weights)\n\n```\npython bench/comm_table.py\n```\n\n' >> "$doc"
 .venv/bin/python bench/comm_table.py >> "$doc"

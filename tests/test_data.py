@@ -340,3 +340,13 @@ def test_a_site_file_with_one_label_is_accepted(tmp_path):
     assert td.label_names == ["spam"] and len(td.train) == 8
     with pytest.raises(ValueError, match="need at least 2 labels"):
         load_task(str(tmp_path / "site.csv"))
+
+
+def test_an_instruction_dataset_in_a_local_directory_loads_like_a_hub_dataset(tmp_path):
+    # datasets.load_dataset on a local directory is the hub code path, without the network
+    rows = [{"prompt": f"Say {i}", "response": f"{i}"} for i in range(40)]
+    pd.DataFrame(rows[:30]).to_json(tmp_path / "train.jsonl", orient="records", lines=True)
+    pd.DataFrame(rows[30:]).to_json(tmp_path / "test.jsonl", orient="records", lines=True)
+    td = load_task(str(tmp_path), kind="instruction")
+    assert not td.labelled and len(td.test) == 10 and len(td.train) + len(td.validation) == 30
+    assert set(td.test["prompt"]) == {f"Say {i}" for i in range(30, 40)}

@@ -110,3 +110,34 @@ def test_every_training_and_evaluation_tensor_is_on_the_configured_device(device
             handle.remove()
     assert seen and set(seen) == {device}
     assert {p.device.type for p in exp.model.parameters()} == {device}
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_llama_family_models_from_a_local_directory_get_the_llama_placement(family, tmp_path):
+    """Any LLaMA-family causal LM (here tiny random Mistral / Qwen2 / LLaMA saved locally, SmolLM2's tokenizer)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    _, tokenizer = load_backbone("smollm2", causal_lm=True, num_hidden_layers=1)
+    config = AutoConfig.for_model(family, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer))
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    model, _ = load_backbone(str(tmp_path), causal_lm=True, seed=0)
+    fedtt.inject(model, fedtt.AdapterConfig())
+    adapted = sorted({n.split(".adapter.")[0].rsplit(".", 1)[-1] for n in model.fedtt_trainable if ".adapter." in n})
+    assert adapted == ["down_proj", "gate_proj", "up_proj"]
+    lora = fedtt.inject(load_backbone(str(tmp_path), causal_lm=True, seed=0)[0], fedtt.AdapterConfig(method="lora"))
+    assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in lora.fedtt_trainable} == {"q_proj", "v_proj"}
+
+
+def test_gradient_checkpointing_trains_the_same_adapter(tmp_path):
+    results = {}
+    for checkpointing in (False, True):
+        cfg = load_config(None, TREC + [f"model.gradient_checkpointing={str(checkpointing).lower()}",
+                                        "federation.local_steps=2", "task.max_eval_examples=4"])
+        exp = experiment(run_config_for(cfg, "/unused"))
+        loss = train_local(exp, exp.train, exp.partitions[0], seed=0, lr=1e-2)
+        results[checkpointing] = (loss, fedtt.trainable_state_dict(exp.model))
+    (plain, a), (checkpointed, b) = results[False], results[True]
+    assert checkpointed == pytest.approx(plain, rel=1e-4)
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)

@@ -78,7 +78,8 @@ def mixed_model():
 
 
 def test_policy_schedules_are_deterministic():
-    cyclic = FreezingPolicy(FreezingConfig(policy="cyclic", cores_per_round=2), num_cores=5, extras=["bias"])
+    cyclic = FreezingPolicy(FreezingConfig(policy="cyclic", cores_per_round=2, extras="always"), num_cores=5,
+                            extras=["bias"])
     assert [cyclic.trainable(t) for t in range(1, 5)] == [[4, 3, "bias"], [2, 1, "bias"], [4, 0, "bias"],
                                                          [3, 2, "bias"]]
     scheduled = FreezingPolicy(FreezingConfig(policy="cyclic", extras="scheduled"), num_cores=3, extras=["bias"])
@@ -94,8 +95,8 @@ def test_adaptive_freezes_disagreeing_groups_tries_them_again_and_is_determinist
     history = [{0: 0.9, 1: 0.02, 2: 0.5}, {0: 0.03, 2: 0.6}, {2: 0.7}, {1: 0.8, 2: 0.2}]
     runs = []
     for _ in range(2):
-        policy = FreezingPolicy(FreezingConfig(policy="adaptive", threshold=0.1, patience=2), num_cores=3,
-                                extras=[])
+        policy = FreezingPolicy(FreezingConfig(policy="adaptive", threshold=0.1, patience=2, max_groups=0),
+                                num_cores=3, extras=[])
         schedule = [policy.trainable(1)]
         for t, agreement in enumerate(history, start=1):
             policy.observe(t, {g: a for g, a in agreement.items() if g in schedule[-1]})
@@ -103,7 +104,8 @@ def test_adaptive_freezes_disagreeing_groups_tries_them_again_and_is_determinist
         runs.append(schedule)
     # round 1: all; 1 disagreed -> frozen after round 1; 0 after round 2; 1 is back in round 4 (patience 2)
     assert runs[0] == runs[1] == [[2, 1, 0], [2, 0], [2], [2, 1], [2, 1, 0]]
-    capped = FreezingPolicy(FreezingConfig(policy="adaptive", max_groups=1), num_cores=3, extras=["bias"])
+    capped = FreezingPolicy(FreezingConfig(policy="adaptive", max_groups=1, extras="always"), num_cores=3,
+                            extras=["bias"])
     assert capped.trainable(1) == [2, "bias"]  # the zero-initialised last core first; biases every round
     capped.observe(1, {2: 0.3})
     assert capped.trainable(2) == [1, "bias"]  # untried groups count as agreeing fully
@@ -151,8 +153,9 @@ def test_frozen_cores_are_neither_sent_down_nor_up(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     saved = load_file(tmp_path / "adapter/adapter_model.safetensors")
     n = 1 + max(c for c in map(core_of, saved) if c is not None)
-    assert [r["groups"] for r in results["rounds"]] == [[n - 1, "bias"], [n - 2, "bias"], [n - 3, "bias"]]
-    assert [sorted(r["agreement"]) for r in results["rounds"]] == [sorted([str(n - i), "bias"]) for i in (1, 2, 3)]
+    # one group per round (biases are a group too, by default): the head alone travels with it
+    assert [r["groups"] for r in results["rounds"]] == [[n - 1], [n - 2], [n - 3]]
+    assert [list(r["agreement"]) for r in results["rounds"]] == [[str(n - i)] for i in (1, 2, 3)]
     for entry in log:
         cores_up = {core_of(k) for k in entry["up"]} - {None}
         cores_down = {core_of(k) for k in entry["down"]} - {None}

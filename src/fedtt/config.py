@@ -135,13 +135,14 @@ class FreezingConfig(Section):
     ``extras = "scheduled"``, all adapter biases ("bias") or all norm weights ("norm")."""
 
     policy: Literal["fixed", "cyclic", "adaptive"] = "adaptive"
-    extras: Literal["always", "scheduled"] = "always"  # biases and norms: trained every round, or groups
+    # biases and norms: groups the policy schedules like cores (so a round sends one group), or every round
+    extras: Literal["always", "scheduled"] = "scheduled"
     cores: Annotated[list[Group], Field(min_length=1)] = [-1]   # fixed: the groups trained every round
     cores_per_round: PositiveInt = 1         # cyclic: how many groups rotate in each round
     period: PositiveInt = 1                  # cyclic: rounds per step of the rotation
     threshold: Annotated[float, Field(ge=-1.0, le=1.0)] = 0.1  # adaptive: freeze a group whose clients agree less
     patience: PositiveInt = 2                # adaptive: rounds a frozen group waits before it is tried again
-    max_groups: NonNegativeInt = 0           # adaptive: at most this many groups per round; 0: no limit
+    max_groups: NonNegativeInt = 1           # adaptive: at most this many groups per round; 0: no limit
 
 
 class PrivacyConfig(Section):

@@ -20,6 +20,10 @@ are additive, so their average is exact too.
   ``max_groups`` > 0 trains at most that many groups per round, the most agreeing first (untried groups count
   as agreeing fully). At least one group always trains.
 
+By default (``extras = "scheduled"``, adaptive ``max_groups = 1``) every policy trains one group per round:
+FedTT+'s policies then differ only in *which* group they train, at the same traffic, and every round's
+average is exact; FedTT is the reference that trains every group every round.
+
 Why start at the last core: with the identity init the up projection's last core is zero, and the gradient of
 any other core (and of the down projection) goes through it, so until it has moved no other core can learn.
 Why agreement: under heterogeneity clients pull a factor in different directions; the average of such updates

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ..adapters import load_trainable_state_dict, save_adapter
 from ..data import label_histograms
+from ..files import atomic_write
 from ..privacy.dp import default_delta
 from ..report import round_summary, write_results
 from .checkpoint import Checkpoint, check_resumable, read_checkpoint, save_checkpoint
@@ -165,7 +166,7 @@ def main(grid: Grid, context: Context) -> None:
     cfg = exp.config
     out_dir = Path(str(context.run_config[OUT_KEY]))
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.toml").write_text(cfg.to_toml())  # `fedtt run --config <out>/config.toml` repeats the run
+    atomic_write(out_dir / "config.toml", cfg.to_toml())  # `fedtt run --config <out>/config.toml` repeats the run
     policy = None
     if cfg.method == "fedtt+":
         extras = sorted({g for g in exp.groups.values() if isinstance(g, str)})

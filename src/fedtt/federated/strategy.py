@@ -102,6 +102,7 @@ class FedTTStrategy(FedAvg):
         self.dp_record: dict[int, tuple[float, int]] = {}  # partition -> (sigma, DP-SGD steps), sent back on resume
         self.aggregated = 0                     # rounds whose update was applied
         self.first_error: str | None = None     # a run that never aggregated reports this
+        self.resync: set[int] = set()          # nodes to send everything this round (the handshake found them unknown)
         self.secure: SecureRound | None = None
         self._replies: dict[int, RecordDict] = {}  # this round's valid replies by node
         self.resumed_from = 0  # rounds done before this process (a resumed run): Flower counts rounds from 1
@@ -214,17 +215,24 @@ class FedTTStrategy(FedAvg):
 
     def _handshake(self, grid: Grid, nodes: list[int], keys: set[str], stats: dict) -> None:
         """Before a partial payload (FedTT+), ask the node which global state it holds: a node that restarted
-        (its state is in memory) holds the seeded init again and is sent everything that changed since."""
-        partial = [node for node in nodes if self.held.get(node, 0) > 0 and not self._is_full(node, keys)]
+        (its state is in memory) holds the seeded init again and is sent everything that changed since; one
+        that holds a state this server never sent (e.g. after a resume from an earlier checkpoint) is sent
+        everything."""
+        self.resync = set()
+        partial = [node for node in nodes if not self._is_full(node, keys)]
         for reply in self._exchange(grid, [self._query(node, "synced") for node in partial], stats):
             node, holds = reply.metadata.src_node_id, int(reply.content["metrics"]["synced-round"])
             if holds != self.held.get(node, 0):
-                logger.warning("node %d holds the global state of round %d, not %d as the server thought (did it "
-                               "restart?): it is sent what changed since", node, holds, self.held.get(node, 0))
-                self.held[node] = holds if 0 <= holds <= self.aggregated else 0
+                logger.warning("node %d holds the global state after round %d, not %d as the server thought (did "
+                               "it restart?): it is sent what it lacks", node, holds, self.held.get(node, 0))
+            if 0 <= holds <= self.aggregated:
+                self.held[node] = holds
+            else:
+                self.resync.add(node)
 
     def _is_full(self, node: int, keys: set[str]) -> bool:
-        return all(k in keys or self.version[k] > self.held.get(node, 0) for k in self.trainable)
+        return node in self.resync or all(k in keys or self.version[k] > self.held.get(node, 0)
+                                          for k in self.trainable)
 
     def _query(self, node: int, action: str) -> Message:
         return Message(RecordDict({"config": ConfigRecord()}), message_type=f"{MessageType.QUERY}.{action}",
@@ -245,7 +253,7 @@ class FedTTStrategy(FedAvg):
     def _message(self, node: int, keys: set[str], config: ConfigRecord, extra: ConfigRecord | None,
                  stats: dict) -> Message:
         held = self.held.get(node, 0)
-        down = [k for k in self.trainable if k in keys or self.version[k] > held]
+        down = [k for k in self.trainable if k in keys or self.version[k] > held or node in self.resync]
         full = len(down) == len(self.trainable)
         self.sending[node] = self.aggregated
         arrays, index = pack({k: self.global_arrays[k].numpy() for k in down}, self.config.federation.wire_dtype)
@@ -276,34 +284,45 @@ class FedTTStrategy(FedAvg):
         if len(valid) < self.config.federation.min_replies:
             return self._skip(server_round, stats, f"{len(valid)} of {stats['sampled']} replies valid")
         valid.sort(key=lambda v: v[1]["partition-id"])  # a fixed summation order on every engine
-        stats["partitions"] = [m["partition-id"] for _, m in valid]
         weights = {node: float(m["num-examples"]) if self.config.federation.weighting == "examples" else 1.0
                    for node, m in valid}
-        if self.secure is not None:
-            try:
-                total = self.secure.aggregate({node: content for node, content in self._contents(valid)}, weights)
-            except RuntimeError as err:  # too few survivors to unmask: the round is skipped
-                return self._skip(server_round, stats, f"secure aggregation aborted: {err}")
-            deltas, squares, weight = total
-        else:
-            deltas, squares, weight = self._plain_sums(valid, weights)
+        try:
+            deltas, squares, weight = self._sums(valid, weights)
+        except RuntimeError as err:  # secure aggregation: too few survivors to unmask
+            return self._skip(server_round, stats, f"secure aggregation aborted: {err}")
         problem = self._check_aggregate(deltas)
         if problem:
             return self._skip(server_round, stats, f"the aggregate is unusable: {problem}")
         mean = {k: v / weight for k, v in deltas.items()}
-        stats["train_loss"] = float(sum(weights[n] * m["train_loss"] for n, m in valid) / sum(weights.values()))
+        self._account(server_round, stats, valid, weights, mean, {g: s / weight for g, s in squares.items()})
+        return self._merge(mean), MetricRecord({"train_loss": stats["train_loss"]})
+
+    def _sums(self, valid: list[tuple[int, MetricRecord]], weights: dict[int, float]):
+        """(sum of w_c * update_c per tensor, sum of w_c * mean square per group, sum of w_c): unmasked from the
+        masked uploads under secure aggregation, else from the plain ones."""
+        if self.secure is not None:
+            return self.secure.aggregate({node: self._replies[node] for node, _ in valid}, weights)
+        return self._plain_sums(valid, weights)
+
+    def _account(self, server_round: int, stats: dict, valid, weights: dict[int, float], mean: dict[str, np.ndarray],
+                 mean_squares: dict[str, float]) -> None:
+        stats["partitions"] = [m["partition-id"] for _, m in valid]
         stats["contributed"] = len(valid)
+        stats["train_loss"] = float(sum(weights[n] * m["train_loss"] for n, m in valid) / sum(weights.values()))
         shares = np.array(list(weights.values())) / sum(weights.values())
-        agreement = self._agreement(mean, {g: s / weight for g, s in squares.items()}, float((shares ** 2).sum()))
+        agreement = self._agreement(mean, mean_squares, float((shares ** 2).sum()))
         stats["agreement"] = {str(g): a for g, a in agreement.items()}
         if self.policy is not None:
             self.policy.observe(server_round, agreement)
+
+    def _merge(self, mean: dict[str, np.ndarray]) -> ArrayRecord:
+        """The global adapter plus the mean update; the updated tensors get a new version."""
         self.aggregated += 1
         self.version.update({name: self.aggregated for name in mean})
         merged = {name: self.global_arrays[name] for name in self.global_arrays}
         merged.update({name: Array((self.global_arrays[name].numpy().astype(np.float64) + value).astype(np.float32))
                        for name, value in mean.items()})
-        return ArrayRecord(merged), MetricRecord({"train_loss": stats["train_loss"]})
+        return ArrayRecord(merged)
 
     def _collect(self, server_round: int, replies: Iterable[Message], stats: dict) -> list[tuple[int, MetricRecord]]:
         """The valid replies as (node, metrics); every other reply, and every node that did not answer, is
@@ -364,9 +383,6 @@ class FedTTStrategy(FedAvg):
         stats["skipped"] = why
         self.first_error = self.first_error or f"round {server_round}: {why}"
         return None, None
-
-    def _contents(self, valid: list[tuple[int, MetricRecord]]):
-        return [(node, self._replies[node]) for node, _ in valid]
 
     def _plain_sums(self, valid, weights) -> tuple[dict[str, np.ndarray], dict[str, float], float]:
         """Sum over clients of w_c * update_c (per tensor, float64) and of w_c * squared size (per group)."""

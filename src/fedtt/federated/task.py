@@ -127,7 +127,7 @@ def _build_experiment(config_toml: str) -> Experiment:
                                      causal_lm=config.task.kind == "instruction", seed=config.seed)
     model = inject(model, config.adapter).to(device)
     if config.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     cap = config.task.max_eval_examples
 
     def held_out(split):
