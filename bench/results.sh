@@ -5,6 +5,7 @@
 # validation-selected round and at the final round, mean +- std over the seeds.
 # Usage: bash bench/results.sh [SECTION ... | --doc-only]   (default: every section; hours on 2 cores)
 # Run sections one at a time: two torch jobs on 2 cores are several times slower than one after the other.
+# A section that was killed continues where it stopped (finished runs are reused); FRESH=1 starts it over.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
@@ -63,7 +64,7 @@ mkdir -p "$OUT"
 for s in "${sections[@]}"; do
   [[ -n "${ARGS[$s]:-}" ]] || { echo "unknown section $s; sections: ${ORDER[*]}"; exit 2; }
   # shellcheck disable=SC2086
-  .venv/bin/fedtt ${ARGS[$s]} --overwrite --out "$OUT/$s" > "$OUT/$s.log" 2>&1 || { tail -n 30 "$OUT/$s.log"; exit 1; }
+  .venv/bin/fedtt ${ARGS[$s]} "$([[ -n "${FRESH:-}" ]] && echo --overwrite || echo --resume)" --out "$OUT/$s" > "$OUT/$s.log" 2>&1 || { tail -n 30 "$OUT/$s.log"; exit 1; }
 done
 
 # The hand-written reading above the marker is kept; everything below it is regenerated.

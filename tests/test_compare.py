@@ -43,6 +43,25 @@ def test_tune_picks_each_methods_value_on_validation_only(tmp_path):
     assert "**chosen**" in (tmp_path / "tune.md").read_text()
 
 
+def test_resumed_sweep_reuses_finished_runs_and_continues_stopped_ones(tmp_path, capsys):
+    two_rounds = [*TINY, "federation.rounds=2"]
+    tune(None, TINY, ["lora"], {"federation.lr": ["1e-3"]}, tmp_path, seeds=[0])
+    finished = tmp_path / "lora@lr=1e-3" / "lora" / "results.json"
+    before = finished.read_text()
+    capsys.readouterr()
+    # The sweep grows by a grid point; the finished run is reused as it is (same config, same file).
+    tune(None, TINY, ["lora"], {"federation.lr": ["1e-3", "3e-3"]}, tmp_path, seeds=[0], resume=True)
+    assert "reusing the finished run" in capsys.readouterr().out and finished.read_text() == before
+    assert len(list(csv.DictReader((tmp_path / "tune.csv").open()))) == 2
+    # A run with more rounds continues from its checkpoint: round 1 is the old one, round 2 is new.
+    tune(None, two_rounds, ["lora"], {"federation.lr": ["1e-3"]}, tmp_path, seeds=[0], resume=True)
+    rounds = json.loads(finished.read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2] and rounds[0] == json.loads(before)["rounds"][0]
+    with pytest.raises(ValueError, match="the config changed in federation.batch_size"):
+        tune(None, [*TINY, "federation.batch_size=4"], ["lora"], {"federation.lr": ["1e-3"]}, tmp_path,
+             seeds=[0], resume=True)
+
+
 def test_method_specs():
     assert method_overrides("fedtt+:adaptive", 3, 20) == ["method=fedtt+", "freezing.policy=adaptive"]
     assert "federation.local_steps=60" in method_overrides("centralized", 3, 20)

@@ -51,7 +51,7 @@ def cmd_compare(args) -> None:
     out = args.out or f"runs/compare-{Path(args.config).stem if args.config else 'default'}"
     tuned = read_tuned(args.tuned) if args.tuned else None
     runs = compare(args.config, args.set, methods, out, quick=args.quick, overwrite=args.overwrite,
-                   seeds=_seeds(args.seeds), tuned=tuned)
+                   seeds=_seeds(args.seeds), tuned=tuned, resume=args.resume)
     print((Path(out) / "comparison.md").read_text())
     print(f"{len(runs)} runs; outputs in {out}/ (comparison.md, comparison.csv, comparison.png)")
 
@@ -62,7 +62,7 @@ def cmd_tune(args) -> None:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     out = args.out or f"runs/tune-{Path(args.config).stem if args.config else 'default'}"
     chosen = tune(args.config, args.set, methods, parse_grid(args.grid), out, quick=args.quick,
-                  overwrite=args.overwrite, seeds=_seeds(args.seeds))
+                  overwrite=args.overwrite, seeds=_seeds(args.seeds), resume=args.resume)
     print((Path(out) / "tune.md").read_text())
     for method, values in chosen.items():
         print(f"{method}: {' '.join(values)}")
@@ -173,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
                             "500 test examples")
         p.add_argument("--out", help=f"output directory (default: runs/{name}-<config name>)")
         p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+        p.add_argument("--resume", action="store_true", help="continue a killed sweep: reuse the runs in --out "
+                                                             "that finished, resume those that stopped")
         if name == "compare":
             p.add_argument("--tuned", metavar="DIR", help="each method's settings chosen by `fedtt tune --out DIR`")
             p.set_defaults(func=cmd_compare)

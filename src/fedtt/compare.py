@@ -8,6 +8,9 @@ the config or ``--set`` fixes a key for all, or a tuning result (``--tuned``) gi
 
 ``tune`` runs a grid of values per method over seeds and picks, per method, the values with the best mean
 *validation* metric at the validation-selected round; test numbers are never read.
+
+With ``resume``, a sweep that was killed continues: a run that finished with the same config is reused, a run
+that stopped part-way is resumed from its checkpoint, and only the rest start afresh.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ import json
 import statistics
 from pathlib import Path
 
-from .config import POLICIES, load_config
+from .config import POLICIES, Config, load_config
+from .federated.checkpoint import FILE as CHECKPOINT
+from .federated.checkpoint import check_same_run, read_checkpoint
 from .files import atomic_write
 from .report import write_comparison
 from .run import run
@@ -49,9 +54,24 @@ def run_dir(out_dir: Path, spec: str, seed: int, seeds: list[int]) -> Path:
     return out_dir / name if len(seeds) == 1 else out_dir / name / f"seed-{seed}"
 
 
+def run_or_continue(config: Config, out_dir: Path, overwrite: bool, resume: bool) -> dict:
+    """``run``, except that with ``resume`` a finished run of this config is reused and a stopped one resumed."""
+    if not (resume and (out_dir / CHECKPOINT).is_file()):
+        return run(config, out_dir, overwrite=overwrite or resume)
+    checkpoint = read_checkpoint(out_dir)
+    check_same_run(checkpoint, config, out_dir)
+    results_path = out_dir / "results.json"
+    if checkpoint.round >= config.federation.rounds and results_path.is_file():
+        results = json.loads(results_path.read_text())
+        if results.get("status") == "finished":
+            print(f"reusing the finished run in {out_dir}", flush=True)
+            return results
+    return run(config, out_dir, resume=True)
+
+
 def compare(config_path: str | None, overrides: list[str], methods: list[str], out_dir: str | Path,
             quick: bool = False, overwrite: bool = False, seeds: list[int] = (0,),
-            tuned: dict[str, list[str]] | None = None) -> list[dict]:
+            tuned: dict[str, list[str]] | None = None, resume: bool = False) -> list[dict]:
     """Every method on every seed; writes comparison.{md,csv,png} and returns the runs' results."""
     out_dir, seeds = Path(out_dir), list(seeds)
     base_overrides = [*(QUICK if quick else ()), *overrides]
@@ -65,7 +85,7 @@ def compare(config_path: str | None, overrides: list[str], methods: list[str], o
     runs = []
     for (spec, seed), config in plans.items():
         print(f"== {spec} (seed {seed}) ==", flush=True)
-        results = run(config, run_dir(out_dir, spec, seed, seeds), overwrite=overwrite)
+        results = run_or_continue(config, run_dir(out_dir, spec, seed, seeds), overwrite, resume)
         runs.append({**results, "label": spec})
     write_comparison(runs, out_dir)
     return runs
@@ -83,7 +103,8 @@ def parse_grid(assignments: list[str]) -> dict[str, list[str]]:
 
 
 def tune(config_path: str | None, overrides: list[str], methods: list[str], grid: dict[str, list[str]],
-         out_dir: str | Path, quick: bool = False, overwrite: bool = False, seeds: list[int] = (0,)) -> dict:
+         out_dir: str | Path, quick: bool = False, overwrite: bool = False, seeds: list[int] = (0,),
+         resume: bool = False) -> dict:
     """For each method, every grid point on every seed; the chosen point per method is the one with the best mean
     validation metric (at each run's validation-selected round). Writes tune.md, tune.csv and tuned.json."""
     out_dir = Path(out_dir)
@@ -95,7 +116,7 @@ def tune(config_path: str | None, overrides: list[str], methods: list[str], grid
             assignment = [f"{k}={v}" for k, v in point]
             name = spec + "".join(f"@{k.split('.')[-1]}={v}" for k, v in point)
             runs = compare(config_path, overrides + assignment, [spec], out_dir / name.replace("+", "plus").replace(
-                ":", "-"), quick=quick, overwrite=overwrite, seeds=seeds)
+                ":", "-"), quick=quick, overwrite=overwrite, seeds=seeds, resume=resume)
             metric = runs[0]["selection"]["metric"]
             higher = runs[0]["selection"]["higher_is_better"]
             values = [r["selected"]["validation"][metric] for r in runs if r.get("selected")]

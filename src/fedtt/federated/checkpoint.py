@@ -59,6 +59,15 @@ def read_checkpoint(out_dir: str | Path) -> Checkpoint:
 
 def check_resumable(checkpoint: Checkpoint, config: Config, out_dir: str | Path) -> None:
     """One-line errors for a resume that could not continue the same run."""
+    check_same_run(checkpoint, config, out_dir)
+    if checkpoint.round >= config.federation.rounds:
+        raise ValueError(f"cannot resume {out_dir}: it already finished {checkpoint.round} of "
+                         f"{config.federation.rounds} rounds; pass --set federation.rounds=N with N > "
+                         f"{checkpoint.round} to train more")
+
+
+def check_same_run(checkpoint: Checkpoint, config: Config, out_dir: str | Path) -> None:
+    """A one-line error when ``config`` differs from the checkpointed run's in more than MAY_CHANGE."""
     old, new = _flat(checkpoint.config), _flat(_as_json(config))
     changed = [key for key in sorted(old.keys() | new.keys()) if key not in MAY_CHANGE and old.get(key) != new.get(key)]
     if changed:
@@ -66,10 +75,6 @@ def check_resumable(checkpoint: Checkpoint, config: Config, out_dir: str | Path)
         raise ValueError(f"cannot resume {out_dir}: the config changed in {key} ({old.get(key)!r} -> "
                          f"{new.get(key)!r}); only {', '.join(sorted(MAY_CHANGE))} may change (omit --config to "
                          "reuse the run's config.toml)")
-    if checkpoint.round >= config.federation.rounds:
-        raise ValueError(f"cannot resume {out_dir}: it already finished {checkpoint.round} of "
-                         f"{config.federation.rounds} rounds; pass --set federation.rounds=N with N > "
-                         f"{checkpoint.round} to train more")
 
 
 def _as_json(config: Config) -> dict:
