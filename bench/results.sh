@@ -19,7 +19,7 @@ ARGS[tune-fedtt]="tune --config configs/demo.toml --quick --seeds 0,1 --methods 
 TITLE[tune-lora]="Choosing the defaults: LoRA and FFA-LoRA (learning rate), Rotten Tomatoes, Dirichlet 0.5, validation only"
 ARGS[tune-lora]="tune --config configs/demo.toml --quick --seeds 0,1 --methods lora,ffa-lora --grid federation.lr=1e-3,3e-3,1e-2"
 TITLE[rt-dir0.5]="Rotten Tomatoes, 3 clients, Dirichlet alpha = 0.5"
-ARGS[rt-dir0.5]="compare --config configs/demo.toml --quick --seeds 0,1,2 --methods $ALL"
+ARGS[rt-dir0.5]="compare --config configs/demo.toml --quick --seeds 0,1,2 --methods $MAIN"
 TITLE[rt-dir0.1]="Rotten Tomatoes, 3 clients, Dirichlet alpha = 0.1"
 ARGS[rt-dir0.1]="compare --config configs/demo.toml --quick --seeds 0,1,2 --methods $FEDERATED --set federation.alpha=0.1"
 TITLE[rt-iid]="Rotten Tomatoes, 3 clients, IID"
@@ -37,7 +37,7 @@ ARGS[rt-dir0.1-long]="compare --config configs/demo.toml --quick --seeds 0,1,2 -
 TITLE[trec-dir0.5-long]="TREC (6 classes), 3 clients, Dirichlet alpha = 0.5, 15 rounds"
 ARGS[trec-dir0.5-long]="compare --config configs/demo.toml --quick --seeds 0,1,2 --methods $MAIN --set federation.rounds=15 --set task.name=trec"
 TITLE[init]="Ablation: LoRETTA's random init instead of the identity init (Rotten Tomatoes, Dirichlet 0.5)"
-ARGS[init]="compare --config configs/demo.toml --quick --seeds 0,1,2 --methods fedtt,fedtt+ --set adapter.init=loretta"
+ARGS[init]="compare --config configs/demo.toml --quick --seeds 0,1,2 --methods fedtt --set adapter.init=loretta"
 TITLE[norms]="Controlled extras: every method also trains the LayerNorms (Rotten Tomatoes, Dirichlet 0.5)"
 ARGS[norms]="compare --config configs/demo.toml --quick --seeds 0,1,2 --methods $MAIN --set adapter.train_norms=true"
 TITLE[optimizer]="Ablation: warm-up 1 round, linear decay, gradient clipping 1.0 (Rotten Tomatoes, Dirichlet 0.5)"
@@ -46,7 +46,7 @@ TITLE[head]="Ablation: the tensorized head (a TT layer beside the pooler; Rotten
 ARGS[head]="compare --config configs/demo.toml --quick --seeds 0,1,2 --methods fedtt,fedtt+ --set adapter.head=tensorized"
 for eps in 8 3 1; do
   TITLE[dp-eps$eps]="Local DP-SGD, epsilon = $eps per client for the whole run (delta 1e-5, clipping 1.0; Rotten Tomatoes, Dirichlet 0.5)"
-  ARGS[dp-eps$eps]="compare --config configs/demo.toml --quick --seeds 0,1,2 --methods $MAIN --set privacy.dp=true --set privacy.target_epsilon=$eps"
+  ARGS[dp-eps$eps]="compare --config configs/demo.toml --quick --seeds 0,1,2 --methods fedtt --set privacy.dp=true --set privacy.target_epsilon=$eps"
 done
 for dtype in float16 bfloat16; do
   TITLE[wire-$dtype]="Half precision on the wire: federation.wire_dtype = $dtype, both directions (Rotten Tomatoes, Dirichlet 0.5)"

@@ -18,6 +18,7 @@ from fedtt.config import load_config
 from fedtt.engines.inprocess import run_inprocess
 from fedtt.federated import client_app as real_client
 from fedtt.federated.codec import pack, unpack
+from fedtt.federated.freezing import factor_groups
 from fedtt.federated.server_app import app as server_app
 from fedtt.federated.server_app import select
 from fedtt.federated.strategy import learning_rate
@@ -57,11 +58,14 @@ def test_a_federation_learns_and_writes_its_outputs(spam_run):
 def test_params_and_bytes_are_what_the_clients_sent(spam_run):
     results, out = spam_run
     adapter = load_file(out / "adapter" / "adapter_model.safetensors")
-    assert results["trainable_params"] == sum(t.numel() for t in adapter.values())
     model = fedtt.inject(load_backbone("minilm", num_labels=2)[0], config(base=SPAM).adapter)
+    # the saved adapter also holds the untrained (zero) adapter biases, so that it loads on its own
+    assert results["trainable_params"] == sum(adapter[k].numel() for k in model.fedtt_trainable)
+    assert set(model.fedtt_trainable) < set(adapter)
     arrays, index = pack({k: adapter[k].numpy() for k in model.fedtt_trainable}, "float32")  # the model's order
     payload = arrays.count_bytes() + index.count_bytes()
-    groups = sorted({"0", "1", "2", "3", "4", "bias"})
+    groups = sorted({str(g) for g in factor_groups(model).values() if g is not None})  # one norm per group
+    assert groups == ["0", "1", "2", "3", "4"]  # the default trains no adapter biases
     metrics = MetricRecord({"train_loss": 0.5, "num-examples": 1, "partition-id": 0, "synced-round": 0,
                             **{f"sq:{g}": 0.1 for g in groups}}).count_bytes()
     config_down = ConfigRecord({"server-round": 1, "lr": 0.1, "full": True, "base-round": 0, "sync-round": 0,

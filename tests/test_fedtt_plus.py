@@ -153,7 +153,7 @@ def test_frozen_cores_are_neither_sent_down_nor_up(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     saved = load_file(tmp_path / "adapter/adapter_model.safetensors")
     n = 1 + max(c for c in map(core_of, saved) if c is not None)
-    # one group per round (biases are a group too, by default): the head alone travels with it
+    # one group per round (the default trains no adapter biases): the head alone travels with it
     assert [r["groups"] for r in results["rounds"]] == [[n - 1], [n - 2], [n - 3]]
     assert [list(r["agreement"]) for r in results["rounds"]] == [[str(n - i)] for i in (1, 2, 3)]
     for entry in log:

@@ -58,7 +58,7 @@ def test_resume_refuses_what_would_not_continue_the_same_run(tmp_path):
     run(config, tmp_path)
     with pytest.raises(ValueError, match=r"already finished 1 of 1 rounds; pass --set federation.rounds=N"):
         run(config, tmp_path, resume=True)
-    with pytest.raises(ValueError, match=r"config changed in federation.lr \(0.003 -> 0.5\)"):
+    with pytest.raises(ValueError, match=r"config changed in federation.lr \(0.01 -> 0.5\)"):
         run(load_config(None, FAST + ["federation.rounds=2", "federation.lr=0.5"]), tmp_path, resume=True)
     (tmp_path / CHECKPOINT).write_bytes(b"\x00" * 64)
     with pytest.raises(ValueError, match="is damaged"):
