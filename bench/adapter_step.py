@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
             f"| training memory TT / LoRA | {tt['peak'] / lora['peak']:.2f} |",
             f"| trainable params LoRA / TT | {lora['counts']['trainable'] / tt['counts']['trainable']:.2f} |",
             f"| trainable params FFA-LoRA / TT | {ffa['counts']['trainable'] / tt['counts']['trainable']:.2f} |",
-            "", "Each method at its defaults (fedtt.defaults): TT rank 5 with biases, LoRA / FFA-LoRA r = 8 on the "
+            "", "Each method at its defaults (fedtt.defaults): TT rank 5 (cores only), LoRA / FFA-LoRA r = 8 on the "
             "family's attention projections; norms frozen for all; the task head (MiniLM) trained by all. CPU / wall "
             "well below the thread count means other processes competed for the cores."]
     print("\n".join(out))

@@ -91,18 +91,18 @@ def main() -> None:
     for name, (cls, geometry) in GEOMETRIES.items():
         rows = [("LoRA q,v (r=8) + head", plain(cls, geometry, "lora")),
                 ("FFA-LoRA q,v (r=8) + head", plain(cls, geometry, "ffa-lora")),
-                ("FedTT (r=5), defaults + head", plain(cls, geometry, "fedtt")),
-                ("FedTT (r=5), cores + head only", plain(cls, geometry, "fedtt", train_biases=False)),
+                ("FedTT (r=5), defaults (cores) + head", plain(cls, geometry, "fedtt")),
                 ("FedTT (r=5), with biases and norms (LoRETTA's set)",
                  plain(cls, geometry, "fedtt", train_biases=True, train_norms=True))]
         if name.startswith("RoBERTa"):
             rows.append(("FedTT (r=5), defaults + tensorized head", plain(cls, geometry, "fedtt", head="tensorized")))
         lora = rows[0][1][1] + rows[0][1][2]
-        for policy, label in ((default, f"FedTT+ default ({default.policy})"),
-                              (FreezingConfig(policy="cyclic"), "FedTT+ cyclic, one core per round"),
-                              (FreezingConfig(policy="cyclic", extras="scheduled"),
-                               "FedTT+ cyclic over cores and biases")):
-            rounds = fedtt_plus(cls, geometry, policy)
+        for policy, label, options in (
+                (default, f"FedTT+ default ({default.policy})", {}),
+                (FreezingConfig(policy="cyclic"), "FedTT+ cyclic, one core per round", {}),
+                (FreezingConfig(policy="cyclic"), "FedTT+ cyclic over cores and adapter biases",
+                 {"train_biases": True})):
+            rounds = fedtt_plus(cls, geometry, policy, **options)
             worst = max(rounds, key=lambda r: r[1] + r[2])
             best = min(rounds, key=lambda r: r[1] + r[2])
             if policy.policy == "adaptive":

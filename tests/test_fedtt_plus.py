@@ -59,7 +59,7 @@ def test_averaging_two_trained_cores_is_not_exact():
 
 def test_factor_groups_of_a_model():
     model, _ = load_backbone("minilm", num_labels=2, num_hidden_layers=1, seed=0)
-    fedtt.inject(model, fedtt.AdapterConfig(train_norms=True))
+    fedtt.inject(model, fedtt.AdapterConfig(train_biases=True, train_norms=True))
     groups = factor_groups(model)
     assert {g for g in groups.values()} == {0, 1, 2, 3, 4, "bias", "norm", None}
     assert groups["classifier.weight"] is None  # the head trains every round
