@@ -93,7 +93,8 @@ def test_placement_trainable_set_and_backward(backbone, adapters_per_layer, requ
     adapters = [n for n, m in model.named_modules() if isinstance(m, fedtt.adapters.TensorizedAdapter)]
     assert len(adapters) == adapters_per_layer * model.config.num_hidden_layers
     for name, param in model.named_parameters():
-        is_ours = ".adapter." in name or name.startswith(("classifier", "score"))  # norms: off by default
+        is_core = ".adapter." in name and not name.endswith(".bias")  # adapter biases and norms: off by default
+        is_ours = is_core or name.startswith(("classifier", "score"))
         assert param.requires_grad == is_ours, name
     batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
     model = fedtt.inject(copy.deepcopy(base), AdapterConfig(init="loretta", train_norms=True))
