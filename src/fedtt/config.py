@@ -225,11 +225,17 @@ class Config(Section):
 
     def _check_groups(self) -> None:
         """FedTT+ groups: core indices within the adapters' core count (when the model's size is known without
-        loading it), and "bias" / "norm" only when they are scheduled."""
+        loading it), and "bias" / "norm" only when they are trained and scheduled."""
         extras = [g for g in self.freezing.cores if isinstance(g, str)]
         if extras and self.freezing.extras != "scheduled":
             raise ValueError(f"freezing.cores = {self.freezing.cores} lists {extras[0]!r}, which is trained every "
                              "round unless freezing.extras = 'scheduled'")
+        switch = {"bias": ("train_biases", self.adapter.train_biases),
+                  "norm": ("train_norms", self.adapter.train_norms)}
+        untrained = [g for g in extras if not switch[g][1]]
+        if untrained:
+            raise ValueError(f"freezing.cores = {self.freezing.cores} lists {untrained[0]!r}, which this adapter does "
+                             f"not train; set adapter.{switch[untrained[0]][0]} = true or drop it")
         count = tt_core_count(self)
         bad = [g for g in self.freezing.cores if isinstance(g, int) and count is not None and not -count <= g < count]
         if bad:
