@@ -11,7 +11,8 @@ import fedtt
 import fedtt.federated.batches
 from fedtt.cli import main
 from fedtt.config import load_config
-from fedtt.federated.evaluation import generate
+from fedtt.federated.batches import Encoded, batch, prompt_ids, response_ids
+from fedtt.federated.evaluation import answer, generate, response_losses
 from fedtt.federated.task import experiment, run_config_for, train_local
 from fedtt.models import load_backbone
 from fedtt.run import run
@@ -83,6 +84,36 @@ def test_a_causal_lm_adapter_round_trips_and_lora_loads_with_plain_peft(method, 
         if method != "fedtt":
             peft = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
             assert torch.equal(peft(**batch).logits, expected)
+
+
+def test_one_pass_over_each_prompt_scores_and_generates_as_full_passes_and_hf_generate_do():
+    """The shared prompt cache against independent references: a full forward per (prompt, continuation), and
+    transformers' own greedy ``generate``; prompts of different lengths, batches of two (left padding)."""
+    base, tokenizer = load_backbone("smollm2", causal_lm=True, num_hidden_layers=4)  # 2 layers answer all alike
+    model = fedtt.inject(base, fedtt.AdapterConfig(target_modules=None))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+    model.eval()
+    prompts = [prompt_ids(tokenizer, t) for t in ("Who wrote Hamlet ?", "How far is the moon from the earth ?", "Hi")]
+    responses = [response_ids(tokenizer, r) for r in ("human", "a number of miles", "location")]
+    words = ["human", "entity", "number"]
+    got = answer(model, tokenizer, prompts, torch.device("cpu"), 2, 5, responses, words)
+
+    def full_nll(prompt, response):
+        inputs, targets = batch(Encoded([prompt + response], [-1], [len(prompt)], tokenizer.pad_token_id), [0], "cpu")
+        return response_losses(model, inputs, targets, reduce="sum").item()
+
+    assert got.response_nll == pytest.approx([full_nll(p, r) for p, r in zip(prompts, responses)], abs=1e-4)
+    expected = [[-full_nll(p, response_ids(tokenizer, w)) for w in words] for p in prompts]
+    assert [s for row in got.label_scores for s in row] == pytest.approx(sum(expected, []), abs=1e-4)
+    with torch.no_grad():
+        reference = [tokenizer.decode(model.generate(input_ids=torch.tensor([p]), do_sample=False, max_new_tokens=5,
+                                                     pad_token_id=tokenizer.pad_token_id,
+                                                     eos_token_id=tokenizer.eos_token_id)[0, len(p):],
+                                      skip_special_tokens=True).strip() for p in prompts]
+    assert got.generated == reference and len(set(reference)) > 1
 
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]

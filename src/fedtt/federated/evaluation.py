@@ -9,14 +9,16 @@ label with the highest likelihood; for open-ended pairs, ROUGE-L (``rouge-score`
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 import string
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .batches import IGNORE, Encoded, batch, fit, pad, response_ids
+from .batches import IGNORE, Encoded, batch, pad, response_ids
 
 GENERATION = {"decoding": "greedy", "do_sample": False}  # recorded in results.json with max_new_tokens
 
@@ -72,67 +74,115 @@ def _classification(exp, model, data: Encoded) -> dict[str, float]:
 
 
 def _instruction(exp, model, data: Encoded) -> dict[str, float]:
-    size = exp.config.task.eval_batch_size
-    loss_sum, token_loss, tokens = 0.0, 0.0, 0
-    for rows in _chunks(len(data), size):
-        inputs, targets = batch(data, rows, exp.device)
-        sums = response_losses(model, inputs, targets, reduce="sum")
-        counts = (targets[:, 1:] != IGNORE).sum(1)
-        loss_sum += (sums / counts.clamp(min=1)).sum().item()
-        token_loss, tokens = token_loss + sums.sum().item(), tokens + int(counts.sum())
-    metrics = {"loss": loss_sum / len(data), "perplexity": math.exp(min(token_loss / max(tokens, 1), 50.0))}
-    prompts = [data.input_ids[i][: data.response_start[i]] for i in range(len(data))]
-    generated = generate(model, exp.tokenizer, prompts, exp.device, exp.config.task.max_new_tokens, size)
+    prompts = [ids[:start] for ids, start in zip(data.input_ids, data.response_start)]
+    responses = [ids[start:] for ids, start in zip(data.input_ids, data.response_start)]
+    words = exp.task.label_words if exp.task.labelled else []
+    answers = answer(model, exp.tokenizer, prompts, exp.device, exp.config.task.eval_batch_size,
+                     exp.config.task.max_new_tokens, responses, words)
+    counts = [len(r) for r in responses]
+    metrics = {"loss": sum(v / max(c, 1) for v, c in zip(answers.response_nll, counts)) / len(data),
+               "perplexity": math.exp(min(sum(answers.response_nll) / max(sum(counts), 1), 50.0))}
+    generated = answers.generated
     if exp.task.labelled:
-        words = [normalise(w) for w in exp.task.label_words]
-        exact = [words.index(normalise(g)) if normalise(g) in words else -1 for g in generated]
+        normalised = [normalise(w) for w in words]
+        exact = [normalised.index(normalise(g)) if normalise(g) in normalised else -1 for g in generated]
         metrics["accuracy"] = sum(p == y for p, y in zip(exact, data.labels)) / len(data)
-        scores = label_scores(model, exp.tokenizer, prompts, exp.task.label_words, exp.device,
-                              exp.config.model.max_length, size)
-        likely = [max(range(len(words)), key=row.__getitem__) for row in scores]
+        likely = [max(range(len(words)), key=row.__getitem__) for row in answers.label_scores]
         metrics.update({f"label_{k}": v for k, v in _label_metrics(likely, data.labels, len(words)).items()})
     else:
         from rouge_score import rouge_scorer  # imported here: only open-ended tasks need it
 
         scorer = rouge_scorer.RougeScorer(["rougeL"])
-        references = [exp.tokenizer.decode(data.input_ids[i][data.response_start[i]:], skip_special_tokens=True)
-                      for i in range(len(data))]
+        references = [exp.tokenizer.decode(r, skip_special_tokens=True) for r in responses]
         scores = [scorer.score(r, g)["rougeL"].fmeasure for r, g in zip(references, generated)]
         metrics["rougeL"] = sum(scores) / len(data)
     return metrics
 
 
+@dataclass
+class Answers:
+    generated: list[str]  # greedy continuations (empty when no new tokens were asked for)
+    response_nll: list[float]  # the summed negative log-likelihood of each given response
+    label_scores: list[list[float]]  # per prompt, each label word's log-likelihood as its response
+
+
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[list[int]], device, max_new_tokens: int, batch_size: int) -> list[str]:
-    """Batched greedy decoding of token-id prompts (left-padded), at most ``max_new_tokens`` new tokens each."""
-    out = []
+def answer(model, tokenizer, prompts: list[list[int]], device, batch_size: int, max_new_tokens: int = 0,
+           responses: list[list[int]] | None = None, words=()) -> Answers:
+    """What evaluation and prediction ask of a decoder, from one forward pass of each (left-padded) prompt:
+    its key/value cache is shared by greedy decoding, the scoring of the given response and of every label
+    word. A label word is a few tokens, so scoring k of them costs about one prompt's forward, not k."""
+    options = [response_ids(tokenizer, w) for w in words]
+    result = Answers([], [], [])
     for rows in _chunks(len(prompts), batch_size):
         ids, mask = pad([prompts[r] for r in rows], tokenizer.pad_token_id, left=True)
-        new = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id)[:, ids.shape[1]:]
-        out += tokenizer.batch_decode(new, skip_special_tokens=True)
-    return [text.strip() for text in out]
+        ids, mask = ids.to(device), mask.to(device)
+        out = model.base_model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True)
+        prompt = (out.last_hidden_state[:, -1], out.past_key_values, mask)
+        if max_new_tokens:
+            result.generated += _greedy(model, tokenizer, prompt, max_new_tokens)
+        if responses is not None:
+            result.response_nll += _continuation_nll(model, prompt, [responses[r] for r in rows],
+                                                     tokenizer.pad_token_id).tolist()
+        if options:
+            nll = [_continuation_nll(model, prompt, [o] * len(rows), tokenizer.pad_token_id) for o in options]
+            result.label_scores += (-torch.stack(nll, 1)).tolist()
+    return result
 
 
-@torch.no_grad()
+def generate(model, tokenizer, prompts: list[list[int]], device, max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy decoding of token-id prompts, at most ``max_new_tokens`` new tokens each."""
+    return answer(model, tokenizer, prompts, device, batch_size, max_new_tokens).generated
+
+
 def label_scores(model, tokenizer, prompts: list[list[int]], words: list[str], device, max_length: int,
                  batch_size: int) -> list[list[float]]:
-    """For each prompt, the log-likelihood of each label word (and the end of the turn) as its response."""
-    options = [response_ids(tokenizer, w) for w in words]
-    sequences, starts = [], []
-    for prompt in prompts:
-        for option in options:
-            ids, start = fit(prompt, option, max_length)
-            sequences.append(ids)
-            starts.append(start)
-    scored = Encoded(sequences, [-1] * len(sequences), starts, tokenizer.pad_token_id)
-    nll = []
-    for rows in _chunks(len(scored), batch_size):
-        inputs, targets = batch(scored, rows, device)
-        nll += response_losses(model, inputs, targets, reduce="sum").tolist()
-    k = len(options)
-    return [[-v for v in nll[i * k:(i + 1) * k]] for i in range(len(prompts))]
+    """For each prompt, the log-likelihood of each label word (and the end of the turn) as its response; a
+    prompt keeps its last tokens, as in training, so that it and the longest word fit in ``max_length``."""
+    keep = max(max_length - max(len(response_ids(tokenizer, w)) for w in words), max_length // 4)
+    return answer(model, tokenizer, [p[-keep:] for p in prompts], device, batch_size, words=words).label_scores
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of left-padded rows: each row counts from its first real token."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _extend(model, prompt, tokens: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+    """Hidden states of ``tokens`` fed after the cached prompt (on a copy of the cache: it grows in place)."""
+    _, cache, mask = prompt
+    full = torch.cat([mask, token_mask], 1)
+    return model.base_model(input_ids=tokens, attention_mask=full, position_ids=_positions(full)[:, mask.shape[1]:],
+                            past_key_values=copy.deepcopy(cache), use_cache=True).last_hidden_state
+
+
+def _continuation_nll(model, prompt, continuations: list[list[int]], pad_id: int) -> torch.Tensor:
+    """Per row, the summed negative log-likelihood of its continuation after its prompt."""
+    last, _, mask = prompt
+    tokens, real = (t.to(mask.device) for t in pad(continuations, pad_id))
+    hidden = last[:, None]
+    if tokens.shape[1] > 1:
+        hidden = torch.cat([hidden, _extend(model, prompt, tokens[:, :-1], real[:, :-1])], 1)
+    keep = real.bool()
+    token = F.cross_entropy(model.get_output_embeddings()(hidden[keep]).float(), tokens[keep], reduction="none")
+    return torch.zeros(len(tokens), device=token.device).index_add(0, keep.nonzero()[:, 0], token)
+
+
+def _greedy(model, tokenizer, prompt, max_new_tokens: int) -> list[str]:
+    last, cache, mask = prompt
+    cache, head = copy.deepcopy(cache), model.get_output_embeddings()
+    token = head(last).argmax(-1)
+    done, new = token == tokenizer.eos_token_id, [token]
+    for _ in range(max_new_tokens - 1):
+        if done.all():
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        hidden = model.base_model(input_ids=token[:, None], attention_mask=mask, position_ids=_positions(mask)[:, -1:],
+                                  past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+        token = head(hidden).argmax(-1).masked_fill(done, tokenizer.pad_token_id)
+        done = done | (token == tokenizer.eos_token_id)
+        new.append(token)
+    return [text.strip() for text in tokenizer.batch_decode(torch.stack(new, 1), skip_special_tokens=True)]
 
 
 def _label_metrics(predictions: list[int], labels: list[int], num_labels: int) -> dict[str, float]:
