@@ -49,8 +49,13 @@ def method_overrides(spec: str, base_clients: int, base_steps: int) -> list[str]
     return [f"method={method}"] + ([f"freezing.policy={option}"] if option else [])
 
 
+def dir_name(spec: str) -> str:
+    """A method spec (``fedtt+:cyclic``) as a directory name (``fedttplus-cyclic``)."""
+    return spec.replace(":", "-").replace("+", "plus")
+
+
 def run_dir(out_dir: Path, spec: str, seed: int, seeds: list[int]) -> Path:
-    name = spec.replace(":", "-").replace("+", "plus")
+    name = dir_name(spec)
     return out_dir / name if len(seeds) == 1 else out_dir / name / f"seed-{seed}"
 
 
@@ -115,8 +120,8 @@ def tune(config_path: str | None, overrides: list[str], methods: list[str], grid
         for point in points:
             assignment = [f"{k}={v}" for k, v in point]
             name = spec + "".join(f"@{k.split('.')[-1]}={v}" for k, v in point)
-            runs = compare(config_path, overrides + assignment, [spec], out_dir / name.replace("+", "plus").replace(
-                ":", "-"), quick=quick, overwrite=overwrite, seeds=seeds, resume=resume)
+            runs = compare(config_path, overrides + assignment, [spec], out_dir / dir_name(name), quick=quick,
+                           overwrite=overwrite, seeds=seeds, resume=resume)
             metric = runs[0]["selection"]["metric"]
             higher = runs[0]["selection"]["higher_is_better"]
             values = [r["selected"]["validation"][metric] for r in runs if r.get("selected")]
