@@ -4,7 +4,8 @@ Classification: cross-entropy of the head's logits; accuracy, loss, macro-F1. In
 the mean cross-entropy of each example's response tokens (per example, then over the batch, so one example's
 gradient does not depend on the others' lengths, as DP-SGD's clipping needs); held-out loss and perplexity;
 for a templated labelled set, the accuracy of greedy generation (exact match after normalisation) and of the
-label with the highest likelihood; for open-ended pairs, ROUGE-L (``rouge-score``).
+label with the highest likelihood; for open-ended pairs, ROUGE-L (``rouge-score``). A decoder's evaluation runs
+each prompt once (``answer``): generation and every scored continuation start from its key/value cache.
 """
 
 from __future__ import annotations
