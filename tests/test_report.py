@@ -99,6 +99,25 @@ def test_comparison_pools_seeds_into_mean_std_and_n(tmp_path):
     assert [r["method"] for r in summarize(runs)] == ["LoRA r=8", "FedTT", "ffa-lora"]
 
 
+def test_a_decoder_comparison_adds_held_out_loss_and_label_likelihood_at_the_selected_round(tmp_path):
+    runs = []
+    for seed, (loss, label_accuracy) in enumerate(((0.50, 0.70), (0.30, 0.60))):
+        res = make_results("fedtt", seed=seed)
+        res["kind"] = "instruction"
+        res["selected"]["test"] = {**res["selected"]["test"], "loss": loss, "label_accuracy": label_accuracy}
+        runs.append(res)
+    row, = summarize(runs)
+    assert row["test_loss_selected_mean"] == pytest.approx(0.40)
+    assert row["test_label_accuracy_selected_mean"] == pytest.approx(0.65)
+    assert row["test_label_accuracy_selected_std"] == pytest.approx(0.0707107, rel=1e-5)
+    write_comparison(runs, tmp_path)
+    md = (tmp_path / "comparison.md").read_text()
+    assert "| wall seconds | test loss @ selected | test label_accuracy @ selected |" in md
+    assert "| 12.3 | 0.4000 ± 0.1414 | 0.6500 ± 0.0707 |" in md
+    write_comparison([make_results()], tmp_path / "classifier")  # a classifier's table keeps its columns
+    assert "test loss @ selected" not in (tmp_path / "classifier" / "comparison.md").read_text()
+
+
 def test_comparison_without_lora_has_no_ratio(tmp_path):
     write_comparison([make_results("fedtt"), make_results("fedtt+")], tmp_path)
     with open(tmp_path / "comparison.csv", newline="") as f:

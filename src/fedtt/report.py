@@ -199,6 +199,9 @@ def _plot(groups: list[list[dict]], path: Path, title: str) -> None:
 # ------------------------------------------------------------------------------------------- several runs
 
 RATIO_COLUMN = "x less traffic than LoRA"
+# A decoder comparison's other test measures, at the selected round: the held-out response loss and the
+# accuracy by label likelihood (a labelled task's main metric is exact match of greedy generation).
+DECODER_METRICS = ("loss", "label_accuracy")
 
 
 def _stats(values: list[float]) -> tuple[float, float]:
@@ -233,6 +236,10 @@ def summarize(runs: list[dict]) -> list[dict]:
                "params_per_round": params / rounds, "bytes_per_round": nbytes / rounds,
                "total_mb": statistics.fmean(r["total_bytes"] for r in members) / 1e6,
                "wall_seconds": statistics.fmean(r["wall_seconds"] for r in members)}
+        for key in DECODER_METRICS if members[0].get("kind") == "instruction" else ():
+            values = [r["selected"]["test"][key] for r in members if key in r.get("selected", {}).get("test", {})]
+            if values and key != metric:
+                row[f"test_{key}_selected_mean"], row[f"test_{key}_selected_std"] = _stats(values)
         if any(r.get("privacy", {}).get("epsilon") for r in members):
             row["epsilon_max"] = max(r["privacy"]["epsilon_max"] for r in members)
         if lora_bytes is not None:
@@ -267,6 +274,8 @@ def write_comparison(runs: list[dict], out_dir: Path) -> list[dict]:
     header = ["method", "n", f"test {metric} @ selected", f"test {metric} final", f"val {metric} @ selected",
               "selected round", "trainable params", "params per round", "bytes per round", "total MB",
               "wall seconds"]
+    extras = [key for key in DECODER_METRICS if any(f"test_{key}_selected_mean" in r for r in rows)]
+    header += [f"test {key} @ selected" for key in extras]
     has_epsilon = any("epsilon_max" in r for r in rows)
     has_ratio = RATIO_COLUMN in columns
     header += (["epsilon (max)"] if has_epsilon else []) + ([RATIO_COLUMN] if has_ratio else [])
@@ -276,6 +285,8 @@ def write_comparison(runs: list[dict], out_dir: Path) -> list[dict]:
                  _num(row["validation_selected_mean"]), row["selected_rounds"], f"{row['trainable_params']:,}",
                  f"{round(row['params_per_round']):,}", format_bytes(round(row["bytes_per_round"])),
                  f"{row['total_mb']:.3f}", f"{row['wall_seconds']:.1f}"]
+        cells += [_mean_std(row, f"test_{key}_selected") if f"test_{key}_selected_mean" in row else "-"
+                  for key in extras]
         cells += [_num(row.get("epsilon_max"), ".2f")] if has_epsilon else []
         cells += [_num(row.get(RATIO_COLUMN), ".1f")] if has_ratio else []
         md_rows.append(cells)
