@@ -53,9 +53,10 @@ for dtype in float16 bfloat16; do
   ARGS[wire-$dtype]="compare --config configs/demo.toml --quick --seeds 0 --methods fedtt --set federation.wire_dtype=$dtype"
 done
 TITLE[smollm2-trec]="Decoder: SmolLM2-135M instruction tuning on templated TREC, 3 clients, Dirichlet 0.5"
-ARGS[smollm2-trec]="compare --config configs/smollm2_instruct.toml --seeds 0 --methods $MAIN --set task.max_eval_examples=100 --set task.eval_batch_size=32"  # ~14 min a run
+SMOLLM2="compare --config configs/smollm2_instruct.toml --seeds 0 --methods $MAIN --set task.max_eval_examples=100 --set task.eval_batch_size=32"  # ~14 min a run
+ARGS[smollm2-trec]="$SMOLLM2"
 TITLE[smollm2-sms]="Decoder: SmolLM2-135M instruction tuning on templated SMS spam, 3 clients, Dirichlet 0.5"
-ARGS[smollm2-sms]="compare --config configs/smollm2_instruct.toml --seeds 0 --methods $MAIN --set task.name=sms_spam --set task.max_eval_examples=100 --set task.eval_batch_size=32"
+ARGS[smollm2-sms]="$SMOLLM2 --set task.name=sms_spam"
 ORDER=(tune-fedtt tune-lora rt-dir0.5 rt-dir0.1 rt-iid rt-skew trec-dir0.5 rt-xdev rt-dir0.5-long rt-dir0.1-long
        trec-dir0.5-long init norms optimizer head wire-float16 wire-bfloat16 dp-eps8 dp-eps3 dp-eps1 smollm2-trec
        smollm2-sms)

@@ -120,14 +120,14 @@ def answer(model, tokenizer, prompts: list[list[int]], device, batch_size: int, 
         ids, mask = ids.to(device), mask.to(device)
         out = model.base_model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True)
         prompt = (out.last_hidden_state[:, -1], out.past_key_values, mask)
-        if max_new_tokens:
-            result.generated += _greedy(model, tokenizer, prompt, max_new_tokens)
         if responses is not None:
             result.response_nll += _continuation_nll(model, prompt, [responses[r] for r in rows],
                                                      tokenizer.pad_token_id).tolist()
         if options:
             nll = [_continuation_nll(model, prompt, [o] * len(rows), tokenizer.pad_token_id) for o in options]
             result.label_scores += (-torch.stack(nll, 1)).tolist()
+        if max_new_tokens:  # last: decoding grows the prompt's cache itself, the scoring above used copies
+            result.generated += _greedy(model, tokenizer, prompt, max_new_tokens)
     return result
 
 
@@ -171,7 +171,7 @@ def _continuation_nll(model, prompt, continuations: list[list[int]], pad_id: int
 
 def _greedy(model, tokenizer, prompt, max_new_tokens: int) -> list[str]:
     last, cache, mask = prompt
-    cache, head = copy.deepcopy(cache), model.get_output_embeddings()
+    head = model.get_output_embeddings()
     token = head(last).argmax(-1)
     done, new = token == tokenizer.eos_token_id, [token]
     for _ in range(max_new_tokens - 1):
