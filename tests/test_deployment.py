@@ -26,7 +26,13 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key, l
 
 from fedtt.config import load_config
 from fedtt.engines import devcerts
-from fedtt.engines.deployment import EXIT_NODE_NOT_ACTIVATED, LocalDeployment, _executable, write_site_files
+from fedtt.engines.deployment import (
+    EXIT_NODE_NOT_ACTIVATED,
+    LocalDeployment,
+    _executable,
+    _signal_pid,
+    write_site_files,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.toml"
@@ -177,9 +183,9 @@ def test_deploy_local_stops_everything_on_ctrl_c(tmp_path):
             [sys.executable, "-m", "fedtt.cli", "deploy-local", "--config", str(DEMO), "--nodes", "2",
              *[a for s in TINY for a in ("--set", s)], "--out", str(tmp_path / "out"), "--workdir", str(workdir),
              "--partition-ids"], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    seen: dict[int, float] = {}
     try:
         me = psutil.Process(launcher.pid)
-        seen: dict[int, float] = {}
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:  # until the SuperLink and both SuperNodes are up
             for child in me.children(recursive=True):
@@ -195,9 +201,11 @@ def test_deploy_local_stops_everything_on_ctrl_c(tmp_path):
         launcher.send_signal(signal.SIGINT)
         launcher.wait(timeout=60)
     finally:
-        if launcher.poll() is None:
+        if launcher.poll() is None:  # it failed: leave nothing running (each helper leads its own group)
             os.killpg(launcher.pid, signal.SIGKILL)
             launcher.wait()
+            for pid, created in seen.items():
+                _signal_pid(pid, signal.SIGKILL, created)
     assert launcher.returncode == 130, launcher_log.read_text()
     assert _running(seen) == [], launcher_log.read_text()
 

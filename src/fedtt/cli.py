@@ -107,6 +107,9 @@ def cmd_deploy_local(args) -> None:
         raise SystemExit(128 + signum)
 
     saved = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    # a parent that ignores SIGINT (a shell's background job) passes the ignoring on: Ctrl-C / kill -INT
+    # must still stop the processes this command started
+    saved[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         results = deploy_local(args.config, args.set, args.out, nodes=args.nodes, workdir=args.workdir,
                                data_paths=args.data_path or None, partition_ids=args.partition_ids,
