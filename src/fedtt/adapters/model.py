@@ -21,9 +21,6 @@ import re
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, inject_adapter_in_model
-from peft.tuners.tuners_utils import cast_adapter_dtype
-from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -104,6 +101,10 @@ def _tensorize_head(model: nn.Module, config: AdapterConfig) -> None:
 
 
 def _inject_lora(model: nn.Module, config: AdapterConfig) -> None:
+    # peft is imported here, not at the top: it adds ~2.5 s to every Flower app process, and TT runs never use it
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.tuners_utils import cast_adapter_dtype
+
     family = family_of(model)
     if config.target_modules is None and family is None:
         raise unsupported(model)
@@ -189,6 +190,8 @@ def _saved_modules(model: nn.Module) -> list[str]:
 
 
 def _peft_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    from peft.utils import get_peft_model_state_dict
+
     tensors = get_peft_model_state_dict(model, adapter_name="default", save_embedding_layers=False)
     for module in _saved_modules(model):  # the whole state dict: PEFT's loader maps every key of the module
         tensors.update({f"{module}.{k}": v for k, v in model.get_submodule(module).state_dict().items()})

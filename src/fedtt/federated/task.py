@@ -14,7 +14,7 @@ import shlex
 import sys
 import tomllib
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -42,16 +42,23 @@ DATA_PATH_KEY = "data-path"   # node_config entry (deployment): this SuperNode's
 class FederatedData:
     """The one data pipeline's output: the task's splits and each client's rows of the training split."""
 
+    config: Config
     task: TaskData
-    partitions: list[np.ndarray]
+
+    @cached_property
+    def partitions(self) -> list[np.ndarray]:
+        """Row indices into the train split, one array per client. Built on first use: a deployment site that
+        reads its own file never needs them, and a Dirichlet split costs each app process ~3 s."""
+        fed = self.config.federation
+        return partition(self.task.train, num_clients=fed.num_clients, kind=fed.partition,
+                         seed=self.config.split_seed, alpha=fed.alpha, proportions=fed.proportions or None,
+                         min_partition_size=fed.min_partition_size)
 
 
 @dataclass
 class Experiment:
     config: Config
-    task: TaskData
-    partitions: list[np.ndarray]       # row indices into `train`, one array per client
-    train: Encoded
+    data: FederatedData
     validation: Encoded                # capped at task.max_eval_examples
     test: Encoded
     model: nn.Module
@@ -59,6 +66,19 @@ class Experiment:
     device: torch.device
     initial: dict[str, torch.Tensor]   # the seeded initial adapter (CPU): runs sharing a cached backbone start here
     groups: dict[str, object]          # each trainable tensor's FedTT+ group (freezing.factor_groups)
+
+    @property
+    def task(self) -> TaskData:
+        return self.data.task
+
+    @property
+    def partitions(self) -> list[np.ndarray]:
+        return self.data.partitions
+
+    @cached_property
+    def train(self) -> Encoded:
+        """The whole train split tokenised, on first use (a deployment site trains on its own file instead)."""
+        return encode(self.config, self.task, self.task.train, self.tokenizer)
 
 
 def run_config_for(config: Config, out_dir: str, resume: bool = False) -> dict:
@@ -100,9 +120,7 @@ def build_data(config: Config) -> FederatedData:
     if not task.labelled and fed.partition != "iid":
         raise ValueError(f"federation.partition = {fed.partition!r} splits clients by label, and task "
                          f"{config.task.name!r} has none (open-ended pairs); use federation.partition = 'iid'")
-    parts = partition(task.train, num_clients=fed.num_clients, kind=fed.partition, seed=config.split_seed,
-                      alpha=fed.alpha, proportions=fed.proportions or None, min_partition_size=fed.min_partition_size)
-    return FederatedData(task, parts)
+    return FederatedData(config, task)
 
 
 def encode(config: Config, task: TaskData, split, tokenizer) -> Encoded:
@@ -138,9 +156,8 @@ def _build_experiment(config_toml: str) -> Experiment:
     if config.method == "fedtt+":
         num_cores(model)  # refused at start unless every adapter TT layer has the same number of cores
     initial = {k: v.to("cpu", torch.float32) for k, v in trainable_state_dict(model).items()}
-    return Experiment(config, data.task, data.partitions, encode(config, data.task, data.task.train, tokenizer),
-                      held_out(data.task.validation), held_out(data.task.test), model, tokenizer, device, initial,
-                      factor_groups(model))
+    return Experiment(config, data, held_out(data.task.validation), held_out(data.task.test), model, tokenizer,
+                      device, initial, factor_groups(model))
 
 
 def site_data(exp: Experiment, path: str) -> Encoded:
