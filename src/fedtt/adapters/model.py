@@ -101,7 +101,7 @@ def _tensorize_head(model: nn.Module, config: AdapterConfig) -> None:
 
 
 def _inject_lora(model: nn.Module, config: AdapterConfig) -> None:
-    # peft is imported here, not at the top: it adds ~2.5 s to every Flower app process, and TT runs never use it
+    # peft is imported here, not at the top: ~1 s more for every Flower app process, and TT runs never use it
     from peft import LoraConfig, inject_adapter_in_model
     from peft.tuners.tuners_utils import cast_adapter_dtype
 

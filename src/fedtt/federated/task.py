@@ -3,7 +3,7 @@
 Client and server both call ``experiment(run_config)``; it is cached per process, so the in-process engine
 holds one frozen backbone that the server and every client share (only trainable tensors are swapped), and
 each Flower simulation or deployment process builds its own, identical one from the same seeded config.
-Every split is tokenised once when the experiment is built; rounds only cut batches from the token ids.
+Every split is tokenised once per process (the train split on first use); rounds only cut batches from the token ids.
 """
 
 from __future__ import annotations
