@@ -4,6 +4,8 @@ Client and server both call ``experiment(run_config)``; it is cached per process
 holds one frozen backbone that the server and every client share (only trainable tensors are swapped), and
 each Flower simulation or deployment process builds its own, identical one from the same seeded config.
 Every split is tokenised once per process (the train split on first use); rounds only cut batches from the token ids.
+The data (datasets) and model (transformers) modules are imported where they are used: Flower starts a process per
+message, and one answering a query stage needs neither (~4 s of imports each).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import tomllib
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -24,11 +27,12 @@ from tqdm.auto import tqdm
 
 from ..adapters import inject, trainable_state_dict
 from ..config import Config, config_from_dict, load_config
-from ..data import TaskData, load_task, partition
-from ..models import load_backbone, resolve_device, resolve_dtype
 from .batches import Encoded, batch, encode_classification, encode_instruction
 from .evaluation import losses
 from .freezing import factor_groups, num_cores
+
+if TYPE_CHECKING:
+    from ..data import TaskData
 
 CONFIG_KEY = "fedtt-config"   # run_config entry holding the resolved experiment config as TOML
 OUT_KEY = "out-dir"           # run_config entry: where the ServerApp writes its outputs
@@ -49,6 +53,8 @@ class FederatedData:
     def partitions(self) -> list[np.ndarray]:
         """Row indices into the train split, one array per client. Built on first use: a deployment site that
         reads its own file never needs them, and a Dirichlet split costs each app process ~3 s."""
+        from ..data import partition
+
         fed = self.config.federation
         return partition(self.task.train, num_clients=fed.num_clients, kind=fed.partition,
                          seed=self.config.split_seed, alpha=fed.alpha, proportions=fed.proportions or None,
@@ -105,6 +111,8 @@ def config_from_run_config(run_config) -> Config:
 
 def load_task_of(config: Config, name: str | None = None, **overrides) -> TaskData:
     """``config``'s task (or the file ``name`` read with the task's columns), split with the data seed."""
+    from ..data import load_task
+
     t = config.task
     options = dict(kind=t.kind, text_column=t.text_column, label_column=t.label_column,
                    prompt_column=t.prompt_column, response_column=t.response_column, template=t.template,
@@ -136,6 +144,8 @@ def experiment(run_config) -> Experiment:
 
 @lru_cache(maxsize=1)
 def _build_experiment(config_toml: str) -> Experiment:
+    from ..models import load_backbone, resolve_device, resolve_dtype
+
     config = config_from_run_config({CONFIG_KEY: config_toml})
     data = build_data(config)
     device = resolve_device(config.model.device)
