@@ -131,7 +131,7 @@ class FedTTStrategy(FedAvg):
                         grid: Grid) -> Iterable[Message]:
         server_round += self.resumed_from
         self.global_arrays = arrays
-        stats = self.rounds[server_round] = self._new_stats()
+        stats = self.rounds[server_round] = self._new_stats(server_round)
         stats["started"] = time.monotonic()
         nodes = self._wait_for_nodes(grid)
         sampled = self._sample(grid, nodes, stats)
@@ -139,14 +139,14 @@ class FedTTStrategy(FedAvg):
         keys = round_keys(self.groups, active)
         stats.update(sampled=len(sampled), groups=active, lr=learning_rate(self.config, server_round),
                      expected={k: self.shapes[k] for k in keys})
-        self._handshake(grid, sampled, set(keys), stats)
+        self._handshake(grid, self._answering(sampled, stats), set(keys), stats)
         self.secure = None
         extra = {}
         if self.config.privacy.secure_aggregation:
             self.secure = SecureRound(self.config, server_round, lambda asks: self._exchange(grid, asks, stats),
                                       stats["expected"], self.groups)
             try:
-                extra = self.secure.setup(sampled)
+                extra = self.secure.setup(self._answering(sampled, stats))
             except RuntimeError as err:  # too few clients left after the key stages
                 logger.warning("round %d: secure aggregation setup failed: %s", server_round, err)
                 stats["skipped"] = f"secure aggregation setup failed: {err}"
@@ -155,13 +155,20 @@ class FedTTStrategy(FedAvg):
         round_config = ConfigRecord({**config, "server-round": server_round, "lr": stats["lr"]})
         if active is not None:
             round_config["groups"] = [str(g) for g in active]
-        messages = [self._message(node, set(keys), round_config, extra.get(node), stats) for node in sampled]
+        messages = [self._message(node, set(keys), round_config, extra.get(node), stats)
+                    for node in self._answering(sampled, stats)]
         self.sent[server_round] = messages  # the grid sets their ids when it pushes them
         return messages
 
-    def _new_stats(self) -> dict:
-        return {"partitions": [], "groups": None, "agreement": {}, "params_down": 0, "bytes_down": 0,
-                "params_up": 0, "bytes_up": 0, "dropped": [], "contributed": 0, "train_loss": None,
+    @staticmethod
+    def _answering(nodes: list[int], stats: dict) -> list[int]:
+        """The nodes not yet dropped from the round (a node that failed a query stage is not asked again)."""
+        gone = {d["node"] for d in stats["dropped"]}
+        return [node for node in nodes if node not in gone]
+
+    def _new_stats(self, server_round: int) -> dict:
+        return {"round": server_round, "partitions": [], "groups": None, "agreement": {}, "params_down": 0,
+                "bytes_down": 0, "params_up": 0, "bytes_up": 0, "dropped": [], "contributed": 0, "train_loss": None,
                 "privacy": {}, "secure_aggregation": None}
 
     def _wait_for_nodes(self, grid: Grid) -> list[int]:
@@ -239,16 +246,18 @@ class FedTTStrategy(FedAvg):
                        dst_node_id=node)
 
     def _exchange(self, grid: Grid, messages: list[Message], stats: dict) -> list[Message]:
-        """Send query messages, count their bytes, return the replies that carry metrics."""
+        """Send query messages, count their bytes, return the replies that carry metrics; a node that failed
+        or did not answer is dropped from the round with its reason (``_answers``)."""
         if not messages:
             return []
         stats["bytes_down"] += sum(r.count_bytes() for m in messages for r in m.content.values())
-        replies = []
-        for reply in grid.send_and_receive(messages, timeout=self.config.federation.round_timeout):
-            if not reply.has_error() and "metrics" in reply.content.metric_records:
+        replies = grid.send_and_receive(messages, timeout=self.config.federation.round_timeout)
+        answers = []
+        for _, reply in self._answers(stats["round"], messages, replies, stats):
+            if "metrics" in reply.content.metric_records:
                 stats["bytes_up"] += sum(r.count_bytes() for r in reply.content.values())
-                replies.append(reply)
-        return replies
+                answers.append(reply)
+        return answers
 
     def _message(self, node: int, keys: set[str], config: ConfigRecord, extra: ConfigRecord | None,
                  stats: dict) -> Message:
@@ -327,36 +336,47 @@ class FedTTStrategy(FedAvg):
     def _collect(self, server_round: int, replies: Iterable[Message], stats: dict) -> list[tuple[int, MetricRecord]]:
         """The valid replies as (node, metrics); every other reply, and every node that did not answer, is
         logged and recorded with its reason. Bytes and parameters count everything that came up."""
-        sent = self.sent.pop(server_round, [])
+        valid = []
+        self._replies = {}
+        for node, reply in self._answers(server_round, self.sent.pop(server_round, []), replies, stats):
+            self.held[node] = self.sending.get(node, 0)  # it got the payload
+            content = reply.content
+            stats["bytes_up"] += sum(r.count_bytes() for r in content.values())
+            if "arrays" in content.array_records:
+                stats["params_up"] += num_values(content["arrays"])
+            problem = self._check_reply(content, stats["expected"])
+            if problem:
+                self._drop(server_round, stats, node, problem)
+            else:
+                self._replies[node] = content
+                valid.append((node, content["metrics"]))
+                self._account_privacy(content["metrics"], stats)
+        return valid
+
+    def _answers(self, server_round: int, sent: list[Message], replies: Iterable[Message],
+                 stats: dict) -> list[tuple[int, Message]]:
+        """(node, reply) for every reply that is not an error. A node whose reply is an error, or that did not
+        answer within round_timeout, is dropped from the round with the reason; one that the SuperLink reports
+        unavailable, or that timed out, is lost (the next rounds do not wait for it). Reasons name the stage
+        (the message type: train, query.partition, query.secagg_setup, ...)."""
         # Errors the SuperLink makes (e.g. node unavailable) come from the SuperLink's node id: map by message id.
         node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in sent if m.metadata.message_id}
-        answered, valid = set(), []
-        self._replies = {}
+        stage = sent[0].metadata.message_type if sent else "train"
+        answered, answers = set(), []
         for reply in replies:
             node = node_of.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
             answered.add(node)
             if reply.has_error():
-                problem = f"client failed: {client_error(reply.error.reason)}"
+                self._drop(server_round, stats, node, f"client failed ({stage}): {client_error(reply.error.reason)}")
                 if reply.error.code == ErrorCode.NODE_UNAVAILABLE:
                     self.lost.add(node)
             else:
-                self.held[node] = self.sending.get(node, 0)  # it got the payload
-                content = reply.content
-                stats["bytes_up"] += sum(r.count_bytes() for r in content.values())
-                if "arrays" in content.array_records:
-                    stats["params_up"] += num_values(content["arrays"])
-                problem = self._check_reply(content, stats["expected"])
-            if problem:
-                self._drop(server_round, stats, node, problem)
-            else:
-                self._replies[node] = reply.content
-                valid.append((node, reply.content["metrics"]))
-                self._account_privacy(reply.content["metrics"], stats)
+                answers.append((node, reply))
         for node in sorted({m.metadata.dst_node_id for m in sent} - answered):  # the round timed out on them
-            self._drop(server_round, stats, node,
-                       f"no reply within federation.round_timeout = {self.config.federation.round_timeout:g} s")
+            timeout = self.config.federation.round_timeout
+            self._drop(server_round, stats, node, f"no reply within federation.round_timeout = {timeout:g} s ({stage})")
             self.lost.add(node)
-        return valid
+        return answers
 
     def _check_reply(self, content: RecordDict, expected: dict[str, tuple[int, ...]]) -> str | None:
         if "arrays" not in content.array_records or "metrics" not in content.metric_records:
