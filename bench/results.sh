@@ -44,9 +44,14 @@ TITLE[optimizer]="Ablation: warm-up 1 round, linear decay, gradient clipping 1.0
 ARGS[optimizer]="compare --config configs/demo.toml --quick --seeds 0,1,2 --methods fedtt,lora --set federation.warmup_rounds=1 --set federation.lr_schedule=linear --set federation.clip_grad_norm=1.0"
 TITLE[head]="Ablation: the tensorized head (a TT layer beside the pooler; Rotten Tomatoes, Dirichlet 0.5)"
 ARGS[head]="compare --config configs/demo.toml --quick --seeds 0,1,2 --methods fedtt,fedtt+ --set adapter.head=tensorized"
+# DP-SGD's noise per step is sigma * max_grad_norm / batch: DP runs take 4x the batch for 1/4 of the steps (the
+# same examples per round as the non-private runs) and their own learning rate, chosen on validation at epsilon 3.
+DP="--set privacy.dp=true --set federation.batch_size=64 --set federation.local_steps=5"
+TITLE[tune-dp]="Choosing the DP settings: FedTT learning rate at epsilon = 3 (batch 64 x 5 steps), Rotten Tomatoes, Dirichlet 0.5, validation only"
+ARGS[tune-dp]="tune --config configs/demo.toml --quick --seeds 0,1 --methods fedtt $DP --set privacy.target_epsilon=3 --grid federation.lr=1e-2,3e-2,1e-1"
 for eps in 8 3 1; do
-  TITLE[dp-eps$eps]="Local DP-SGD, epsilon = $eps per client for the whole run (delta 1e-5, clipping 1.0; Rotten Tomatoes, Dirichlet 0.5)"
-  ARGS[dp-eps$eps]="compare --config configs/demo.toml --quick --seeds 0,1,2 --methods fedtt --set privacy.dp=true --set privacy.target_epsilon=$eps"
+  TITLE[dp-eps$eps]="Local DP-SGD, epsilon = $eps per client for the whole run (delta 1e-5, clipping 1.0, batch 64 x 5 steps; Rotten Tomatoes, Dirichlet 0.5)"
+  ARGS[dp-eps$eps]="compare --config configs/demo.toml --quick --seeds 0,1,2 --methods fedtt $DP --set privacy.target_epsilon=$eps --tuned $OUT/tune-dp"
 done
 for dtype in float16 bfloat16; do
   TITLE[wire-$dtype]="Half precision on the wire: federation.wire_dtype = $dtype, both directions (Rotten Tomatoes, Dirichlet 0.5)"
@@ -58,7 +63,7 @@ ARGS[smollm2-trec]="$SMOLLM2"
 TITLE[smollm2-sms]="Decoder: SmolLM2-135M instruction tuning on templated SMS spam, 3 clients, Dirichlet 0.5"
 ARGS[smollm2-sms]="$SMOLLM2 --set task.name=sms_spam"
 ORDER=(tune-fedtt tune-lora rt-dir0.5 rt-dir0.1 rt-iid rt-skew trec-dir0.5 rt-xdev rt-dir0.5-long rt-dir0.1-long
-       trec-dir0.5-long init norms optimizer head wire-float16 wire-bfloat16 dp-eps8 dp-eps3 dp-eps1 smollm2-trec
+       trec-dir0.5-long init norms optimizer head wire-float16 wire-bfloat16 tune-dp dp-eps8 dp-eps3 dp-eps1 smollm2-trec
        smollm2-sms)
 if [[ "${1:-}" == --doc-only ]]; then sections=(); else sections=("${@:-${ORDER[@]}}"); fi
 mkdir -p "$OUT"
