@@ -18,6 +18,9 @@ TITLE[tune-fedtt]="Choosing the defaults: FedTT (learning rate x adapter biases)
 ARGS[tune-fedtt]="tune --config configs/demo.toml --quick --seeds 0,1 --methods fedtt --grid federation.lr=1e-3,3e-3,1e-2 --grid adapter.train_biases=true,false"
 TITLE[tune-lora]="Choosing the defaults: LoRA and FFA-LoRA (learning rate), Rotten Tomatoes, Dirichlet 0.5, validation only"
 ARGS[tune-lora]="tune --config configs/demo.toml --quick --seeds 0,1 --methods lora,ffa-lora --grid federation.lr=1e-3,3e-3,1e-2"
+# The package defaults serve `fedtt run` with no config (10 rounds), whose saved adapter is the final round's.
+TITLE[tune-default]="Choosing the package defaults: FedTT learning rate x schedule for \`fedtt run\` with no config (MiniLM, Rotten Tomatoes, 3 clients, Dirichlet 0.5, 10 rounds, whole splits), validation only, chosen at the final round"
+ARGS[tune-default]="tune --seeds 0,1 --methods fedtt --grid federation.lr=3e-3,1e-2 --grid federation.lr_schedule=constant,cosine --by final"
 TITLE[rt-dir0.5]="Rotten Tomatoes, 3 clients, Dirichlet alpha = 0.5"
 ARGS[rt-dir0.5]="compare --config configs/demo.toml --quick --seeds 0,1,2 --methods $MAIN"
 TITLE[rt-dir0.1]="Rotten Tomatoes, 3 clients, Dirichlet alpha = 0.1"
@@ -62,7 +65,7 @@ SMOLLM2="compare --config configs/smollm2_instruct.toml --seeds 0 --methods $MAI
 ARGS[smollm2-trec]="$SMOLLM2"
 TITLE[smollm2-sms]="Decoder: SmolLM2-135M instruction tuning on templated SMS spam, 3 clients, Dirichlet 0.5"
 ARGS[smollm2-sms]="$SMOLLM2 --set task.name=sms_spam"
-ORDER=(tune-fedtt tune-lora rt-dir0.5 rt-dir0.1 rt-iid rt-skew trec-dir0.5 rt-xdev rt-dir0.5-long rt-dir0.1-long
+ORDER=(tune-default tune-fedtt tune-lora rt-dir0.5 rt-dir0.1 rt-iid rt-skew trec-dir0.5 rt-xdev rt-dir0.5-long rt-dir0.1-long
        trec-dir0.5-long init norms optimizer head wire-float16 wire-bfloat16 tune-dp dp-eps8 dp-eps3 dp-eps1 smollm2-trec
        smollm2-sms)
 if [[ "${1:-}" == --doc-only ]]; then sections=(); else sections=("${@:-${ORDER[@]}}"); fi

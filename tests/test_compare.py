@@ -57,6 +57,14 @@ def test_resumed_sweep_reuses_finished_runs_and_continues_stopped_ones(tmp_path,
     tune(None, two_rounds, ["lora"], {"federation.lr": ["1e-3"]}, tmp_path, seeds=[0], resume=True)
     rounds = json.loads(finished.read_text())["rounds"]
     assert [r["round"] for r in rounds] == [1, 2] and rounds[0] == json.loads(before)["rounds"][0]
+    # Scored by the final round (the adapter a run saves): the table has both means, the final one is round 2's.
+    tune(None, two_rounds, ["lora"], {"federation.lr": ["1e-3"]}, tmp_path, seeds=[0], resume=True, by="final")
+    row = next(csv.DictReader((tmp_path / "tune.csv").open()))
+    assert float(row["final_mean"]) == pytest.approx(rounds[1]["validation"]["accuracy"])
+    assert float(row["validation_mean"]) == pytest.approx(max(r["validation"]["accuracy"] for r in rounds))
+    assert "chosen by the mean at the final round" in (tmp_path / "tune.md").read_text()
+    with pytest.raises(ValueError, match="--by 'last'"):
+        tune(None, TINY, ["lora"], {"federation.lr": ["1e-3"]}, tmp_path, seeds=[0], by="last")
     with pytest.raises(ValueError, match="the config changed in federation.batch_size"):
         tune(None, [*TINY, "federation.batch_size=4"], ["lora"], {"federation.lr": ["1e-3"]}, tmp_path,
              seeds=[0], resume=True)

@@ -62,7 +62,7 @@ def cmd_tune(args) -> None:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     out = args.out or f"runs/tune-{Path(args.config).stem if args.config else 'default'}"
     chosen = tune(args.config, args.set, methods, parse_grid(args.grid), out, quick=args.quick,
-                  overwrite=args.overwrite, seeds=_seeds(args.seeds), resume=args.resume)
+                  overwrite=args.overwrite, seeds=_seeds(args.seeds), resume=args.resume, by=args.by)
     print((Path(out) / "tune.md").read_text())
     for method, values in chosen.items():
         print(f"{method}: {' '.join(values)}")
@@ -184,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             p.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2",
                            help="values to try for a config key (repeatable: the grid is their product)")
+            p.add_argument("--by", choices=("selected", "final"), default="selected",
+                           help="score a grid point by the validation metric at each run's validation-selected "
+                                "round (default) or at its final round (the adapter a run saves)")
             p.set_defaults(func=cmd_tune)
 
     p = commands.add_parser("predict", help="classify texts with a run's adapter (classification, or a templated "

@@ -7,7 +7,8 @@ same work per round: the reference ceiling. Each method runs with its own defaul
 the config or ``--set`` fixes a key for all, or a tuning result (``--tuned``) gives its chosen values.
 
 ``tune`` runs a grid of values per method over seeds and picks, per method, the values with the best mean
-*validation* metric at the validation-selected round; test numbers are never read.
+*validation* metric, at each run's validation-selected round or (``by="final"``) at its final round, whose adapter
+is the one a run saves; test numbers are never read.
 
 With ``resume``, a sweep that was killed continues: a run that finished with the same config is reused, a run
 that stopped part-way is resumed from its checkpoint, and only the rest start afresh.
@@ -109,9 +110,12 @@ def parse_grid(assignments: list[str]) -> dict[str, list[str]]:
 
 def tune(config_path: str | None, overrides: list[str], methods: list[str], grid: dict[str, list[str]],
          out_dir: str | Path, quick: bool = False, overwrite: bool = False, seeds: list[int] = (0,),
-         resume: bool = False) -> dict:
+         resume: bool = False, by: str = "selected") -> dict:
     """For each method, every grid point on every seed; the chosen point per method is the one with the best mean
-    validation metric (at each run's validation-selected round). Writes tune.md, tune.csv and tuned.json."""
+    validation metric at each run's validation-selected round (``by="selected"``) or at its final round
+    (``by="final"``). Writes tune.md, tune.csv (both means) and tuned.json."""
+    if by not in ("selected", "final"):
+        raise ValueError(f"--by {by!r}: choose by the 'selected' round's validation metric or the 'final' round's")
     out_dir = Path(out_dir)
     points = [list(zip(grid, values)) for values in itertools.product(*grid.values())]
     table, chosen = [], {}
@@ -124,31 +128,37 @@ def tune(config_path: str | None, overrides: list[str], methods: list[str], grid
                            overwrite=overwrite, seeds=seeds, resume=resume)
             metric = runs[0]["selection"]["metric"]
             higher = runs[0]["selection"]["higher_is_better"]
-            values = [r["selected"]["validation"][metric] for r in runs if r.get("selected")]
-            mean = statistics.fmean(values)
-            std = statistics.stdev(values) if len(values) > 1 else 0.0
-            scored.append((mean if higher else -mean, assignment))
-            table.append({"method": spec, **dict(point), "metric": metric, "validation_mean": mean,
-                          "validation_std": std, "n": len(values)})
+            row = {"method": spec, **dict(point), "metric": metric}
+            for name, values in (("validation", [r["selected"]["validation"][metric] for r in runs]),
+                                 ("final", [r["rounds"][-1]["validation"][metric] for r in runs])):
+                row[f"{name}_mean"] = statistics.fmean(values)
+                row[f"{name}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+            row["n"] = len(runs)
+            score = row["validation_mean" if by == "selected" else "final_mean"]
+            scored.append((score if higher else -score, assignment))
+            table.append(row)
         chosen[spec] = max(scored, key=lambda s: s[0])[1]
     for row in table:
         row["chosen"] = [f"{k}={row[k]}" for k in grid] == chosen[row["method"]]
-    _write_tune(out_dir, grid, table, chosen)
+    _write_tune(out_dir, grid, table, chosen, by)
     return chosen
 
 
-def _write_tune(out_dir: Path, grid: dict, table: list[dict], chosen: dict) -> None:
+def _write_tune(out_dir: Path, grid: dict, table: list[dict], chosen: dict, by: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    columns = ["method", *grid, "metric", "validation_mean", "validation_std", "n", "chosen"]
+    stats = ["validation_mean", "validation_std", "final_mean", "final_std"]
+    columns = ["method", *grid, "metric", *stats, "n", "chosen"]
     lines = [",".join(columns)] + [",".join(str(row[c]) for c in columns) for row in table]
     atomic_write(out_dir / "tune.csv", "\n".join(lines) + "\n")
     md = ["| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 1)]
     for row in table:
-        cells = [row["method"], *(str(row[k]) for k in grid), row["metric"],
-                 f"{row['validation_mean']:.4f}", f"{row['validation_std']:.4f}", str(row["n"]),
-                 "**chosen**" if row["chosen"] else ""]
+        cells = [row["method"], *(str(row[k]) for k in grid), row["metric"], *(f"{row[c]:.4f}" for c in stats),
+                 str(row["n"]), "**chosen**" if row["chosen"] else ""]
         md.append("| " + " | ".join(cells) + " |")
-    atomic_write(out_dir / "tune.md", "# Tuning (validation only)\n\n" + "\n".join(md) + "\n")
+    criterion = "the validation-selected round" if by == "selected" else "the final round"
+    atomic_write(out_dir / "tune.md", f"# Tuning (validation only; chosen by the mean at {criterion})\n\n"
+                 "validation_*: the validation metric at each run's selected round; final_*: at its final round.\n\n"
+                 + "\n".join(md) + "\n")
     atomic_write(out_dir / TUNED_FILE, json.dumps(chosen, indent=2) + "\n")
 
 
