@@ -21,6 +21,8 @@ ARGS[tune-lora]="tune --config configs/demo.toml --quick --seeds 0,1 --methods l
 # The package defaults serve `fedtt run` with no config (10 rounds), whose saved adapter is the final round's.
 TITLE[tune-default]="Choosing the package defaults: FedTT learning rate x schedule for \`fedtt run\` with no config (MiniLM, Rotten Tomatoes, 3 clients, Dirichlet 0.5, 10 rounds, whole splits), validation only, chosen at the final round"
 ARGS[tune-default]="tune --seeds 0,1 --methods fedtt --grid federation.lr=3e-3,1e-2 --grid federation.lr_schedule=constant,cosine --by final"
+TITLE[tune-default-lora]="Choosing the package defaults: LoRA and FFA-LoRA schedule at their learning rates for \`fedtt run\` with no config (as above), validation only, chosen at the final round"
+ARGS[tune-default-lora]="tune --seeds 0,1 --methods lora,ffa-lora --grid federation.lr_schedule=constant,cosine --by final"
 TITLE[rt-dir0.5]="Rotten Tomatoes, 3 clients, Dirichlet alpha = 0.5"
 ARGS[rt-dir0.5]="compare --config configs/demo.toml --quick --seeds 0,1,2 --methods $MAIN"
 TITLE[rt-dir0.1]="Rotten Tomatoes, 3 clients, Dirichlet alpha = 0.1"
@@ -47,14 +49,15 @@ TITLE[optimizer]="Ablation: warm-up 1 round, linear decay, gradient clipping 1.0
 ARGS[optimizer]="compare --config configs/demo.toml --quick --seeds 0,1,2 --methods fedtt,lora --set federation.warmup_rounds=1 --set federation.lr_schedule=linear --set federation.clip_grad_norm=1.0"
 TITLE[head]="Ablation: the tensorized head (a TT layer beside the pooler; Rotten Tomatoes, Dirichlet 0.5)"
 ARGS[head]="compare --config configs/demo.toml --quick --seeds 0,1,2 --methods fedtt,fedtt+ --set adapter.head=tensorized"
-# DP-SGD's noise per step is sigma * max_grad_norm / batch: DP runs take 4x the batch for 1/4 of the steps (the
-# same examples per round as the non-private runs) and their own learning rate, chosen on validation at epsilon 3.
-DP="--set privacy.dp=true --set federation.batch_size=64 --set federation.local_steps=5"
-TITLE[tune-dp]="Choosing the DP settings: FedTT learning rate at epsilon = 3 (batch 64 x 5 steps), Rotten Tomatoes, Dirichlet 0.5, validation only"
-ARGS[tune-dp]="tune --config configs/demo.toml --quick --seeds 0,1 --methods fedtt $DP --set privacy.target_epsilon=3 --grid federation.lr=1e-2,3e-2,1e-1"
+# DP runs have the non-private runs' budget (batch 16 x 20 steps, 5 rounds) and each method's own defaults: the
+# only difference is per-example clipping and noise. tune-dp asks whether another learning rate suits DP better
+# (validation at epsilon 3, the same grid for every method); the dp-eps sections do not read its choice.
+DP="--set privacy.dp=true"
+TITLE[tune-dp]="Choosing the DP learning rate of every method at epsilon = 3, Rotten Tomatoes, Dirichlet 0.5, validation only"
+ARGS[tune-dp]="tune --config configs/demo.toml --quick --seeds 0,1 --methods $MAIN $DP --set privacy.target_epsilon=3 --grid federation.lr=1e-3,3e-3,1e-2"
 for eps in 8 3 1; do
-  TITLE[dp-eps$eps]="Local DP-SGD, epsilon = $eps per client for the whole run (delta 1e-5, clipping 1.0, batch 64 x 5 steps; Rotten Tomatoes, Dirichlet 0.5)"
-  ARGS[dp-eps$eps]="compare --config configs/demo.toml --quick --seeds 0,1,2 --methods fedtt $DP --set privacy.target_epsilon=$eps --tuned $OUT/tune-dp"
+  TITLE[dp-eps$eps]="Local DP-SGD, epsilon = $eps per client for the whole run (delta 1e-5, clipping 1.0; Rotten Tomatoes, Dirichlet 0.5)"
+  ARGS[dp-eps$eps]="compare --config configs/demo.toml --quick --seeds 0,1,2 --methods $MAIN $DP --set privacy.target_epsilon=$eps"
 done
 for dtype in float16 bfloat16; do
   TITLE[wire-$dtype]="Half precision on the wire: federation.wire_dtype = $dtype, both directions (Rotten Tomatoes, Dirichlet 0.5)"
@@ -65,7 +68,7 @@ SMOLLM2="compare --config configs/smollm2_instruct.toml --seeds 0 --methods $MAI
 ARGS[smollm2-trec]="$SMOLLM2"
 TITLE[smollm2-sms]="Decoder: SmolLM2-135M instruction tuning on templated SMS spam, 3 clients, Dirichlet 0.5"
 ARGS[smollm2-sms]="$SMOLLM2 --set task.name=sms_spam"
-ORDER=(tune-default tune-fedtt tune-lora rt-dir0.5 rt-dir0.1 rt-iid rt-skew trec-dir0.5 rt-xdev rt-dir0.5-long rt-dir0.1-long
+ORDER=(tune-default tune-default-lora tune-fedtt tune-lora rt-dir0.5 rt-dir0.1 rt-iid rt-skew trec-dir0.5 rt-xdev rt-dir0.5-long rt-dir0.1-long
        trec-dir0.5-long init norms optimizer head wire-float16 wire-bfloat16 tune-dp dp-eps8 dp-eps3 dp-eps1 smollm2-trec
        smollm2-sms)
 if [[ "${1:-}" == --doc-only ]]; then sections=(); else sections=("${@:-${ORDER[@]}}"); fi

@@ -246,7 +246,8 @@ def test_the_learning_rate_schedule():
         cfg = load_config(None, ["federation.lr=1.0", "federation.rounds=5", *overrides])
         return [round(learning_rate(cfg, t), 6) for t in range(1, 6)]
 
-    assert lrs() == [1.0] * 5
+    assert lrs("federation.lr_schedule='constant'") == [1.0] * 5
+    assert lrs() == lrs("federation.lr_schedule='cosine'")  # the default, chosen on validation
     assert lrs("federation.lr_schedule='linear'") == [1.0, 0.8, 0.6, 0.4, 0.2]
     assert lrs("federation.warmup_rounds=2", "federation.lr_schedule='linear'") == [0.333333, 0.666667, 1.0,
                                                                                     0.666667, 0.333333]

@@ -78,7 +78,7 @@ class FederationConfig(Section):
     local_epochs: NonNegativeInt = 0         # > 0: passes over the client's data per round instead
     batch_size: PositiveInt = 16
     lr: PositiveFloat | None = None          # None: the method's default (fedtt.defaults)
-    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"  # decay over the run, by round
+    lr_schedule: Literal["constant", "linear", "cosine"] = "cosine"  # decay over the run, by round (tune-default)
     warmup_rounds: NonNegativeInt = 0        # linear warm-up from lr / (warmup_rounds + 1)
     weight_decay: NonNegativeFloat = 0.0     # AdamW's
     clip_grad_norm: NonNegativeFloat = 0.0   # clip each local step's gradient norm; 0: off
