@@ -20,7 +20,7 @@ TITLE[tune-lora]="Choosing the defaults: LoRA and FFA-LoRA (learning rate), Rott
 ARGS[tune-lora]="tune --config configs/demo.toml --quick --seeds 0,1 --methods lora,ffa-lora --grid federation.lr=1e-3,3e-3,1e-2"
 # The package defaults serve `fedtt run` with no config (10 rounds), whose saved adapter is the final round's.
 TITLE[tune-default]="Choosing the package defaults: FedTT learning rate x schedule for \`fedtt run\` with no config (MiniLM, Rotten Tomatoes, 3 clients, Dirichlet 0.5, 10 rounds, whole splits), validation only, chosen at the final round"
-ARGS[tune-default]="tune --seeds 0,1 --methods fedtt --grid federation.lr=3e-3,1e-2 --grid federation.lr_schedule=constant,cosine --by final"
+ARGS[tune-default]="tune --seeds 0,1 --methods fedtt --grid federation.lr=3e-3,1e-2,2e-2 --grid federation.lr_schedule=constant,cosine --by final"
 TITLE[tune-default-lora]="Choosing the package defaults: LoRA and FFA-LoRA schedule at their learning rates for \`fedtt run\` with no config (as above), validation only, chosen at the final round"
 ARGS[tune-default-lora]="tune --seeds 0,1 --methods lora,ffa-lora --grid federation.lr_schedule=constant,cosine --by final"
 TITLE[rt-dir0.5]="Rotten Tomatoes, 3 clients, Dirichlet alpha = 0.5"

@@ -172,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
                                                     "follows unless the config sets data_seed; default: 0)")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
         p.add_argument("--quick", action="store_true",
-                       help="a few-minute-per-method profile: 5 rounds, 48-token sequences, 500 validation and "
-                            "500 test examples")
+                       help="a few-minute-per-method profile: 5 rounds at a constant learning rate, 48-token "
+                            "sequences, 500 validation and 500 test examples")
         p.add_argument("--out", help=f"output directory (default: runs/{name}-<config name>)")
         p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
         p.add_argument("--resume", action="store_true", help="continue a killed sweep: reuse the runs in --out "
