@@ -31,7 +31,8 @@ FAST = ["model.num_hidden_layers=2", "model.max_length=32", "task.max_eval_examp
         "federation.batch_size=8", "federation.local_steps=2", "federation.partition='iid'"]
 # Spam is learnable in a few rounds by the full MiniLM: the run every output test reads.
 SPAM = ["task.name='sms_spam'", "model.max_length=32", "task.max_eval_examples=200", "federation.batch_size=16",
-        "federation.local_steps=10", "federation.rounds=3", "federation.lr=1e-2", "federation.partition='iid'"]
+        "federation.local_steps=10", "federation.rounds=3", "federation.lr=1e-2", "federation.lr_schedule='constant'",
+        "federation.partition='iid'"]
 
 
 def config(*overrides, base=FAST):

@@ -178,6 +178,11 @@ def main(grid: Grid, context: Context) -> None:
     if context.run_config.get(RESUME_KEY, False):
         checkpoint = read_checkpoint(out_dir)
         check_resumable(checkpoint, cfg, out_dir)
+        planned = checkpoint.config["federation"]["rounds"]
+        if planned != cfg.federation.rounds and cfg.federation.lr_schedule != "constant":
+            logger.warning("extending a run planned for %d rounds to %d: its %s learning-rate decay is stretched "
+                           "from here on, so it will not equal a fresh %d-round run", planned,
+                           cfg.federation.rounds, cfg.federation.lr_schedule, cfg.federation.rounds)
         initial = checkpoint.arrays
         strategy.load_state_dict(checkpoint.strategy, completed_rounds=checkpoint.round)
         recorder.resume(checkpoint)
