@@ -68,6 +68,18 @@ def test_resumed_sweep_reuses_finished_runs_and_continues_stopped_ones(tmp_path,
     with pytest.raises(ValueError, match="the config changed in federation.batch_size"):
         tune(None, [*TINY, "federation.batch_size=4"], ["lora"], {"federation.lr": ["1e-3"]}, tmp_path,
              seeds=[0], resume=True)
+    # Without its checkpoint (docs/results/ keeps only config.toml and results.json) the run is still reused.
+    (finished.parent / "checkpoint.safetensors").unlink()
+    after = finished.read_text()
+    capsys.readouterr()
+    tune(None, two_rounds, ["lora"], {"federation.lr": ["1e-3"]}, tmp_path, seeds=[0], resume=True)
+    assert "reusing the finished run" in capsys.readouterr().out and finished.read_text() == after
+    with pytest.raises(ValueError, match="the config changed in federation.batch_size"):
+        tune(None, [*two_rounds, "federation.batch_size=4"], ["lora"], {"federation.lr": ["1e-3"]}, tmp_path,
+             seeds=[0], resume=True)
+    with pytest.raises(ValueError, match="finished 2 rounds and has no checkpoint.safetensors"):
+        tune(None, [*two_rounds, "federation.rounds=3"], ["lora"], {"federation.lr": ["1e-3"]}, tmp_path,
+             seeds=[0], resume=True)
 
 
 def test_method_specs():

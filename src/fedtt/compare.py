@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .config import POLICIES, Config, load_config
 from .federated.checkpoint import FILE as CHECKPOINT
-from .federated.checkpoint import check_same_run, read_checkpoint
+from .federated.checkpoint import check_same_run
 from .files import atomic_write
 from .report import write_comparison
 from .run import run
@@ -65,17 +65,37 @@ def run_dir(out_dir: Path, spec: str, seed: int, seeds: list[int]) -> Path:
 
 def run_or_continue(config: Config, out_dir: Path, overwrite: bool, resume: bool) -> dict:
     """``run``, except that with ``resume`` a finished run of this config is reused and a stopped one resumed."""
-    if not (resume and (out_dir / CHECKPOINT).is_file()):
-        return run(config, out_dir, overwrite=overwrite or resume)
-    checkpoint = read_checkpoint(out_dir)
-    check_same_run(checkpoint, config, out_dir)
-    results_path = out_dir / "results.json"
-    if checkpoint.round >= config.federation.rounds and results_path.is_file():
-        results = json.loads(results_path.read_text())
-        if results.get("status") == "finished":
+    if resume:
+        finished = finished_run(config, out_dir)
+        if finished is not None:
             print(f"reusing the finished run in {out_dir}", flush=True)
-            return results
-    return run(config, out_dir, resume=True)
+            return finished
+        if (out_dir / CHECKPOINT).is_file():
+            return run(config, out_dir, resume=True)
+    return run(config, out_dir, overwrite=overwrite or resume)
+
+
+def finished_run(config: Config, out_dir: Path) -> dict | None:
+    """results.json of the finished run of ``config`` in ``out_dir``; None when there is none to reuse.
+
+    A finished run is recognised by its results.json and config.toml alone, without its checkpoint: the sweeps
+    behind docs/results.md keep only those two files of each run in git (docs/results/), so a section that
+    stopped part-way continues on another machine. Raises when ``out_dir`` holds a run of another config, or one
+    with another number of rounds and no checkpoint to continue it from."""
+    results_path, config_path = out_dir / "results.json", out_dir / "config.toml"
+    if not (results_path.is_file() and config_path.is_file()):
+        return None
+    results = json.loads(results_path.read_text())
+    if results.get("status") != "finished":
+        return None
+    saved = load_config(config_path)
+    check_same_run(saved.model_dump(mode="json"), config, out_dir)
+    if saved.federation.rounds == config.federation.rounds:
+        return results
+    if not (out_dir / CHECKPOINT).is_file():
+        raise ValueError(f"cannot resume {out_dir}: its run finished {saved.federation.rounds} rounds and has no "
+                         f"{CHECKPOINT} to continue from; start it again with --overwrite")
+    return None  # the checkpoint continues it to config's rounds
 
 
 def compare(config_path: str | None, overrides: list[str], methods: list[str], out_dir: str | Path,

@@ -25,7 +25,8 @@ def prepare_out_dir(out_dir: Path, overwrite: bool) -> Path:
         raise FileExistsError(f"{out_dir} already holds a run (results.json); choose another --out, pass "
                               "--overwrite to replace it or --resume to continue it")
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / CHECKPOINT).unlink(missing_ok=True)  # a new run must not be resumed from an old one's state
+    for old_state in (CHECKPOINT, "results.json"):  # a new run must not be resumed or reused as the old one
+        (out_dir / old_state).unlink(missing_ok=True)
     return out_dir
 
 

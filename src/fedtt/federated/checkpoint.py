@@ -59,16 +59,16 @@ def read_checkpoint(out_dir: str | Path) -> Checkpoint:
 
 def check_resumable(checkpoint: Checkpoint, config: Config, out_dir: str | Path) -> None:
     """One-line errors for a resume that could not continue the same run."""
-    check_same_run(checkpoint, config, out_dir)
+    check_same_run(checkpoint.config, config, out_dir)
     if checkpoint.round >= config.federation.rounds:
         raise ValueError(f"cannot resume {out_dir}: it already finished {checkpoint.round} of "
                          f"{config.federation.rounds} rounds; pass --set federation.rounds=N with N > "
                          f"{checkpoint.round} to train more")
 
 
-def check_same_run(checkpoint: Checkpoint, config: Config, out_dir: str | Path) -> None:
-    """A one-line error when ``config`` differs from the checkpointed run's in more than MAY_CHANGE."""
-    old, new = _flat(checkpoint.config), _flat(_as_json(config))
+def check_same_run(old_config: dict, config: Config, out_dir: str | Path) -> None:
+    """A one-line error when ``config`` differs from the run's (``old_config``, as JSON) in more than MAY_CHANGE."""
+    old, new = _flat(old_config), _flat(_as_json(config))
     changed = [key for key in sorted(old.keys() | new.keys()) if key not in MAY_CHANGE and old.get(key) != new.get(key)]
     if changed:
         key = changed[0]
