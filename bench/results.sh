@@ -66,7 +66,7 @@ for dtype in float16 bfloat16; do
   ARGS[wire-$dtype]="compare --config configs/demo.toml --quick --seeds 0 --methods fedtt --set federation.wire_dtype=$dtype"
 done
 TITLE[smollm2-trec]="Decoder: SmolLM2-135M instruction tuning on templated TREC, 3 clients, Dirichlet 0.5"
-SMOLLM2="compare --config configs/smollm2_instruct.toml --seeds 0,1,2 --methods $MAIN --set task.max_eval_examples=100 --set task.eval_batch_size=32"  # ~14 min a run: 2.8 h a task
+SMOLLM2="compare --config configs/smollm2_instruct.toml --seeds 0,1,2 --methods $MAIN --set task.max_eval_examples=100 --set task.eval_batch_size=32"  # 7-9 min a run: 1.7 h a task
 ARGS[smollm2-trec]="$SMOLLM2"
 TITLE[smollm2-sms]="Decoder: SmolLM2-135M instruction tuning on templated SMS spam, 3 clients, Dirichlet 0.5"
 ARGS[smollm2-sms]="$SMOLLM2 --set task.name=sms_spam"
