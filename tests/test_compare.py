@@ -1,10 +1,13 @@
 import csv
 import json
+import re
 
 import pytest
 
+import fedtt
 from fedtt.cli import main
-from fedtt.compare import method_overrides, parse_grid, read_tuned, tune
+from fedtt.compare import code_note, method_overrides, parse_grid, read_tuned, tune
+from fedtt.report import code_version
 
 TINY = ["model.num_hidden_layers=2", "model.max_length=32", "federation.rounds=1", "federation.local_steps=2",
         "federation.batch_size=8", "task.max_eval_examples=40", "federation.partition='iid'"]
@@ -48,6 +51,7 @@ def test_resumed_sweep_reuses_finished_runs_and_continues_stopped_ones(tmp_path,
     tune(None, TINY, ["lora"], {"federation.lr": ["1e-3"]}, tmp_path, seeds=[0])
     finished = tmp_path / "lora@lr=1e-3" / "lora" / "results.json"
     before = finished.read_text()
+    assert json.loads(before)["code"] == [code_version()]  # the code that made the run
     capsys.readouterr()
     # The sweep grows by a grid point; the finished run is reused as it is (same config, same file).
     tune(None, TINY, ["lora"], {"federation.lr": ["1e-3", "3e-3"]}, tmp_path, seeds=[0], resume=True)
@@ -57,6 +61,7 @@ def test_resumed_sweep_reuses_finished_runs_and_continues_stopped_ones(tmp_path,
     tune(None, two_rounds, ["lora"], {"federation.lr": ["1e-3"]}, tmp_path, seeds=[0], resume=True)
     rounds = json.loads(finished.read_text())["rounds"]
     assert [r["round"] for r in rounds] == [1, 2] and rounds[0] == json.loads(before)["rounds"][0]
+    assert json.loads(finished.read_text())["code"] == [code_version()]  # the same code continued it
     # Scored by the final round (the adapter a run saves): the table has both means, the final one is round 2's.
     tune(None, two_rounds, ["lora"], {"federation.lr": ["1e-3"]}, tmp_path, seeds=[0], resume=True, by="final")
     row = next(csv.DictReader((tmp_path / "tune.csv").open()))
@@ -80,6 +85,18 @@ def test_resumed_sweep_reuses_finished_runs_and_continues_stopped_ones(tmp_path,
     with pytest.raises(ValueError, match="finished 2 rounds and has no checkpoint.safetensors"):
         tune(None, [*two_rounds, "federation.rounds=3"], ["lora"], {"federation.lr": ["1e-3"]}, tmp_path,
              seeds=[0], resume=True)
+
+
+def test_a_reused_run_says_when_other_code_made_it():
+    current = code_version()
+    assert current["fedtt"] == fedtt.__version__
+    assert re.fullmatch("[0-9a-f]{40}", current["commit"])  # the tests run from a git checkout
+    assert code_note({"code": [current]}) == ""
+    assert code_note({"code": [{"fedtt": "0.1.0", "commit": "0123456789abcdef"}, current]}) == ""
+    note = code_note({"code": [{"fedtt": "0.1.0", "commit": "0123456789abcdef", "source_changed": True}]})
+    assert note.startswith(" (made by fedtt 0.1.0 at 0123456789 with changed sources; this is fedtt ")
+    assert note.endswith(": --overwrite runs it again)") and current["commit"][:10] in note
+    assert "an earlier fedtt that did not record its code" in code_note({})
 
 
 def test_method_specs():

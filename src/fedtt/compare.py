@@ -25,7 +25,7 @@ from .config import POLICIES, Config, load_config
 from .federated.checkpoint import FILE as CHECKPOINT
 from .federated.checkpoint import check_same_run
 from .files import atomic_write
-from .report import write_comparison
+from .report import code_version, write_comparison
 from .run import run
 
 DEFAULT_METHODS = ("fedtt", "fedtt+", "lora", "ffa-lora", "centralized")
@@ -68,11 +68,28 @@ def run_or_continue(config: Config, out_dir: Path, overwrite: bool, resume: bool
     if resume:
         finished = finished_run(config, out_dir)
         if finished is not None:
-            print(f"reusing the finished run in {out_dir}", flush=True)
+            print(f"reusing the finished run in {out_dir}{code_note(finished)}", flush=True)
             return finished
         if (out_dir / CHECKPOINT).is_file():
             return run(config, out_dir, resume=True)
     return run(config, out_dir, overwrite=overwrite or resume)
+
+
+def code_note(results: dict) -> str:
+    """Empty when the current code made (some of) the run; else which code made it, so nobody mistakes a kept
+    run for one of this code."""
+    codes, current = results.get("code", []), code_version()
+    if current in codes:
+        return ""
+    made_by = ", ".join(describe(code) for code in codes) or "an earlier fedtt that did not record its code"
+    return f" (made by {made_by}; this is {describe(current)}: --overwrite runs it again)"
+
+
+def describe(code: dict) -> str:
+    text = f"fedtt {code['fedtt']}"
+    if code.get("commit"):
+        text += f" at {code['commit'][:10]}" + (" with changed sources" if code.get("source_changed") else "")
+    return text
 
 
 def finished_run(config: Config, out_dir: Path) -> dict | None:

@@ -14,18 +14,41 @@ import json
 import math
 import os
 import statistics
+import subprocess
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from . import __version__
 from .files import atomic_write
 
 FIGSIZE = (10.0, 4.0)  # inches
 DPI = 110  # -> 1100 x 440 px
 
-__all__ = ["format_bytes", "json_safe", "round_summary", "summarize", "write_comparison", "write_results"]
+__all__ = ["code_version", "format_bytes", "json_safe", "round_summary", "summarize", "write_comparison",
+           "write_results"]
+
+
+# ---------------------------------------------------------------------------------------------- provenance
+
+def code_version() -> dict:
+    """The code that makes a run: fedtt's version and, when fedtt runs from a git checkout (an editable install),
+    its commit and whether src/ differs from it. Kept runs outlive the code that made them (docs/results/), and
+    a reused run must be told apart from one the current code would make."""
+    version = {"fedtt": __version__}
+    root = Path(__file__).resolve().parents[2]
+    if not ((root / ".git").exists() and (root / "src" / "fedtt").is_dir()):
+        return version
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=root, capture_output=True,
+                                 text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):  # no git on PATH, or not a repository after all
+        return version
+    return {**version, "commit": commit, "source_changed": bool(changed)}
 
 
 # ---------------------------------------------------------------------------------------------- formatting

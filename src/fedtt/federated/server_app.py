@@ -23,7 +23,7 @@ from ..adapters import load_trainable_state_dict, save_adapter
 from ..data import label_histograms
 from ..files import atomic_write
 from ..privacy.dp import default_delta
-from ..report import round_summary, write_results
+from ..report import code_version, round_summary, write_results
 from .checkpoint import Checkpoint, check_resumable, read_checkpoint, save_checkpoint
 from .evaluation import GENERATION, evaluate, selection_metric
 from .freezing import FreezingPolicy, num_cores
@@ -66,7 +66,7 @@ class RunRecorder:
             "trainable_params": sum(int(t.numel()) for t in exp.initial.values()),
             "selection": {"split": "validation", "metric": self.metric, "higher_is_better": self.higher},
             "validation_examples": len(exp.validation), "test_examples": len(exp.test),
-            "rounds": [], "total_bytes": 0, "status": "running",
+            "rounds": [], "total_bytes": 0, "status": "running", "code": [code_version()],
         }
         if cfg.task.kind == "instruction":
             self.results["generation"] = {**GENERATION, "max_new_tokens": cfg.task.max_new_tokens}
@@ -77,6 +77,9 @@ class RunRecorder:
 
     def resume(self, checkpoint: Checkpoint) -> None:
         self.results = checkpoint.results
+        codes = self.results.setdefault("code", [])  # one entry per code that trained some of the rounds
+        if codes[-1:] != [code := code_version()]:
+            codes.append(code)
         self.start = time.time() - self.results["wall_seconds"]
         self.progress.update(checkpoint.round)
         logger.info("resuming after round %d of %d", checkpoint.round, self.exp.config.federation.rounds)
