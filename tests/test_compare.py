@@ -97,6 +97,8 @@ def test_a_reused_run_says_when_other_code_made_it():
     assert note.startswith(" (made by fedtt 0.1.0 at 0123456789 with changed sources; this is fedtt ")
     assert note.endswith(": --overwrite runs it again)") and current["commit"][:10] in note
     assert "an earlier fedtt that did not record its code" in code_note({})
+    current["commit"] = "changed by a caller"
+    assert code_version()["commit"] != current["commit"]  # computed once per process, handed out as copies
 
 
 def test_method_specs():

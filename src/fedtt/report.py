@@ -9,6 +9,7 @@ shade the spread. Plots use the Agg canvas directly (no pyplot, no global backen
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import math
@@ -37,6 +38,11 @@ def code_version() -> dict:
     """The code that makes a run: fedtt's version and, when fedtt runs from a git checkout (an editable install),
     its commit and whether src/ differs from it. Kept runs outlive the code that made them (docs/results/), and
     a reused run must be told apart from one the current code would make."""
+    return dict(_code_version())  # a copy, so that no caller can change the cached one
+
+
+@functools.cache  # once per process: a process runs the code it imported, even if src/ changes under it
+def _code_version() -> dict:
     version = {"fedtt": __version__}
     root = Path(__file__).resolve().parents[2]
     if not ((root / ".git").exists() and (root / "src" / "fedtt").is_dir()):
