@@ -1,10 +1,14 @@
-"""Trainable and per-round communicated parameters of every method at paper scale (meta device, no weights).
+"""Trainable and per-round communicated parameters and bytes of every method at paper scale (meta device, no weights).
 
     python bench/comm_table.py
 
 Per client and round, "up" is what a client sends, "down" what it receives; the task head (a 2-class
-classifier) is trained and sent by every method. Methods run with fedtt's defaults (``fedtt.defaults``; the TT
-adapter's LoRETTA shapes, rank 5) unless the row says otherwise. FedTT+ is counted for its default policy in
+classifier) is trained and sent by every method. Bytes are the tensor payload of the two messages as fedtt's codec
+packs them in float32 (``federated/codec.py``: the values and the message index, without the round's config and
+metrics), as Flower counts them. Frozen adapter tensors (FFA-LoRA's A, VeRA's shared projections, Fed-SB's A and
+B) come from the seed on every client and are never sent. Methods run with fedtt's defaults (``fedtt.defaults``;
+the TT adapter's LoRETTA shapes) unless the row gives the size; at RoBERTa-large and LLaMA-2-7B each method runs over
+its size knob (``SIZES``). FedTT+ is counted for its default policy in
 the steady state of a cross-silo federation: a round trains the policy's groups (up), and a node receives them
 plus what changed in the round before (down). A policy whose choice depends on the data (adaptive) is shown by
 its bounds: the smallest and the largest round it can produce; a fixed rotation (cyclic) by its mean over one
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import torch
 from transformers import (
     BertConfig,
@@ -28,6 +33,7 @@ from transformers import (
 
 import fedtt
 from fedtt.config import FreezingConfig, load_config
+from fedtt.federated.codec import pack
 from fedtt.federated.freezing import FreezingPolicy, factor_groups, num_cores, round_keys
 
 GEOMETRIES = {
@@ -39,6 +45,11 @@ GEOMETRIES = {
     "LLaMA-2-13B": (LlamaForSequenceClassification, LlamaConfig(
         hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40, vocab_size=32000)),
 }
+SWEPT = ("RoBERTa-large", "LLaMA-2-7B")
+# method -> (label, the adapter.rank values swept there; elsewhere the method's default). (IA)^3 has no size.
+SIZES = {"lora": ("LoRA q,v", [1, 2, 4, 8, 16]), "ffa-lora": ("FFA-LoRA q,v", [1, 2, 4, 8, 16]),
+         "fedtt": ("FedTT, cores", [2, 3, 5, 8]), "vera": ("VeRA q,v", [256, 1024]), "ia3": ("(IA)^3", [None]),
+         "fed-sb": ("Fed-SB q,v", [8, 32, 128])}
 
 
 def model_with(cls, geometry, method: str, **options):
@@ -48,20 +59,30 @@ def model_with(cls, geometry, method: str, **options):
     return fedtt.inject(model, fedtt.AdapterConfig(**{**defaults, **options}))
 
 
-def sizes_of(model) -> dict[str, int]:
+def shapes_of(model) -> dict[str, tuple[int, ...]]:
     params = dict(model.named_parameters())
-    return {n: params[n].numel() for n in model.fedtt_trainable}
+    return {n: tuple(params[n].shape) for n in model.fedtt_trainable}
 
 
-def plain(cls, geometry, method, **options) -> tuple[int, int, int]:
-    trainable = sum(sizes_of(model_with(cls, geometry, method, **options)).values())
-    return trainable, trainable, trainable
+def wire_bytes(shapes: dict[str, tuple[int, ...]]) -> int:
+    """The bytes of one message carrying these tensors, packed by the codec in float32."""
+    arrays, index = pack({n: np.zeros(shape, np.float32) for n, shape in shapes.items()}, "float32")
+    return arrays.count_bytes() + index.count_bytes()
 
 
-def fedtt_plus(cls, geometry, freezing: FreezingConfig, **options) -> list[tuple[int, int, int]]:
-    """(trainable, up, down) of each steady-state round the policy can produce (see the module docstring)."""
+def plain(cls, geometry, method, **options) -> tuple[int, int, int, int]:
+    """(trainable, up, down, bytes up + down) of a method that sends everything it trains, both ways."""
+    shapes = shapes_of(model_with(cls, geometry, method, **options))
+    trainable = sum(int(np.prod(s)) for s in shapes.values())
+    return trainable, trainable, trainable, 2 * wire_bytes(shapes)
+
+
+def fedtt_plus(cls, geometry, freezing: FreezingConfig, **options) -> list[tuple[int, int, int, int]]:
+    """(trainable, up, down, bytes up + down) of each steady-state round the policy can produce (see the module
+    docstring)."""
     model = model_with(cls, geometry, "fedtt+", **options)
-    sizes, groups = sizes_of(model), factor_groups(model)
+    shapes, groups = shapes_of(model), factor_groups(model)
+    sizes = {n: int(np.prod(s)) for n, s in shapes.items()}
     extras = sorted({g for g in groups.values() if isinstance(g, str)})
     policy = FreezingPolicy(freezing, num_cores(model), extras)
     if freezing.policy == "adaptive":  # any non-empty set of at most max_groups of the scheduled groups
@@ -77,7 +98,8 @@ def fedtt_plus(cls, geometry, freezing: FreezingConfig, **options) -> list[tuple
     for now, before in pairs:
         up = set(round_keys(groups, now))
         down = up | set(round_keys(groups, before))
-        rounds.append((total, sum(sizes[k] for k in up), sum(sizes[k] for k in down)))
+        rounds.append((total, sum(sizes[k] for k in up), sum(sizes[k] for k in down),
+                       wire_bytes({k: shapes[k] for k in up}) + wire_bytes({k: shapes[k] for k in down})))
     return rounds
 
 
@@ -85,34 +107,36 @@ def main() -> None:
     default = load_config(None, ["method=fedtt+"]).freezing
     print(f"FedTT+ default policy: {default.policy} (extras {default.extras}, max_groups {default.max_groups}, "
           f"threshold {default.threshold}, patience {default.patience})\n")
-    print("| model | method | trainable | up / client / round | down / client / round | up+down vs LoRA | "
-          "MB per client-round (fp32) |")
+    print("| model | method | trainable | up / client / round | down / client / round | MB up+down / client / round "
+          "(fp32) | LoRA r=8's bytes / these |")
     print("|---|---|--:|--:|--:|--:|--:|")
     for name, (cls, geometry) in GEOMETRIES.items():
-        rows = [("LoRA q,v (r=8) + head", plain(cls, geometry, "lora")),
-                ("FFA-LoRA q,v (r=8) + head", plain(cls, geometry, "ffa-lora")),
-                ("FedTT (r=5), defaults (cores) + head", plain(cls, geometry, "fedtt")),
-                ("FedTT (r=5), with biases and norms (LoRETTA's set)",
-                 plain(cls, geometry, "fedtt", train_biases=True, train_norms=True))]
+        rows = []
+        for method, (label, ranks) in SIZES.items():
+            for rank in ranks if name in SWEPT else [load_config(None, [f"method={method}"]).adapter.rank]:
+                size = f" (r={rank})" if rank else ""
+                rows.append((f"{label}{size} + head", plain(cls, geometry, method, rank=rank)))
+        rows.append(("FedTT (r=5), with biases and norms (LoRETTA's set)",
+                     plain(cls, geometry, "fedtt", train_biases=True, train_norms=True)))
         if name.startswith("RoBERTa"):
             rows.append(("FedTT (r=5), defaults + tensorized head", plain(cls, geometry, "fedtt", head="tensorized")))
-        lora = rows[0][1][1] + rows[0][1][2]
+        lora = plain(cls, geometry, "lora", rank=8)[3]
         for policy, label, options in (
                 (default, f"FedTT+ default ({default.policy})", {}),
                 (FreezingConfig(policy="cyclic"), "FedTT+ cyclic, one core per round", {}),
                 (FreezingConfig(policy="cyclic"), "FedTT+ cyclic over cores and adapter biases",
                  {"train_biases": True})):
             rounds = fedtt_plus(cls, geometry, policy, **options)
-            worst = max(rounds, key=lambda r: r[1] + r[2])
-            best = min(rounds, key=lambda r: r[1] + r[2])
+            worst = max(rounds, key=lambda r: r[3])
+            best = min(rounds, key=lambda r: r[3])
             if policy.policy == "adaptive":
                 rows += [(f"{label}: smallest round", best), (f"{label}: largest round", worst)]
             else:
-                mean = tuple(round(sum(r[i] for r in rounds) / len(rounds)) for i in range(3))
+                mean = tuple(round(sum(r[i] for r in rounds) / len(rounds)) for i in range(4))
                 rows += [(f"{label}: mean over a cycle", mean), (f"{label}: largest round", worst)]
-        for label, (trainable, up, down) in rows:
-            print(f"| {name} | {label} | {trainable:,} | {up:,} | {down:,} | {lora / (up + down):.1f}x less | "
-                  f"{4 * (up + down) / 1e6:.2f} |")
+        for label, (trainable, up, down, wire) in rows:
+            print(f"| {name} | {label} | {trainable:,} | {up:,} | {down:,} | {wire / 1e6:.3f} | "
+                  f"{lora / wire:.1f} |")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
     HF_HUB_OFFLINE=1 .venv/bin/python bench/engine_overhead.py [--config configs/demo.toml] [--rounds 3]
     HF_HUB_OFFLINE=1 .venv/bin/python bench/engine_overhead.py --demo-before /path/to/old/checkout
 
-One run of the config with the client step (``task.train_local``) and the server's evaluation timed inside the
+One run of the config with the client step (``learning.train.train_local``) and the server's evaluation
+(``learning.evaluation.Evaluator``) timed inside the
 same process: per round, the strategy's wall time (sampling, payloads, every client, aggregation) against the
 sum of the clients' training, and the run's wall time against training + evaluation. What is left is the
 engine and the protocol (encoding, decoding, validation, messages). ``--demo-before DIR`` also times
@@ -21,7 +22,7 @@ import time
 from pathlib import Path
 
 from fedtt.config import load_config
-from fedtt.federated import client_app, server_app
+from fedtt.learning import evaluation, train
 from fedtt.run import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,8 +58,8 @@ def main() -> None:
     parser.add_argument("--demo-before", metavar="DIR", help="an earlier checkout whose demo to time as well")
     args = parser.parse_args()
     training, evaluating = [], []
-    timed(client_app, "train_local", training)
-    timed(server_app, "evaluate", evaluating)
+    timed(train, "train_local", training)
+    timed(evaluation.Evaluator, "__call__", evaluating)
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
         results = run(load_config(args.config, [f"federation.rounds={args.rounds}"]), out)

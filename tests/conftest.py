@@ -1,5 +1,33 @@
 import os
 
+import pytest
+from flwr.clientapp import ClientApp
+
 # Tests never reach a model hub; bundled weights load from site-packages.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# The settings every short federation in the suite starts from (later --set style overrides win).
+FAST = ["model.num_hidden_layers=2", "model.max_length=32", "task.max_eval_examples=60", "federation.batch_size=8",
+        "federation.local_steps=2", "federation.partition='iid'"]
+
+
+def client_app_with(train) -> ClientApp:
+    """The real ClientApp with its ``train`` handler replaced by ``train`` (which may call the real one): a
+    client that fails, drops or lies in training, and answers every query stage as the real one does."""
+    from fedtt.federated import client_app as real
+    from fedtt.federated.protocol import QUERIES
+
+    app = ClientApp()
+    app.train()(train)
+    for action in QUERIES:
+        app.query(action)(getattr(real, action))
+    return app
+
+
+def pytest_collection_modifyitems(items):
+    """``pytest -m "not slow"``: the everyday loop leaves out tests that start processes (Ray, SuperLink)."""
+    for item in items:
+        fixtures = getattr(item, "fixturenames", ())
+        if item.path.name in ("test_deployment.py", "test_engines.py") or "spam_run" in fixtures:
+            item.add_marker(pytest.mark.slow)

@@ -66,7 +66,7 @@ def test_bytes_are_one_npy_header_plus_the_values_plus_the_index(dtype, itemsize
 
 def test_a_malformed_message_is_a_clear_error():
     arrays, index = pack(tensors(), "float32")
-    with pytest.raises(ValueError, match="'packed' array or its 'index' is missing"):
+    with pytest.raises(ValueError, match="exactly one 'packed' array and its 'index' are expected"):
         unpack(ArrayRecord(), index)
     with pytest.raises(ValueError, match="index cannot be read"):
         unpack(arrays, ConfigRecord({"index": b"not zlib"}))
@@ -76,3 +76,18 @@ def test_a_malformed_message_is_a_clear_error():
     half = ArrayRecord({"packed": Array(np.zeros(num_values(arrays), np.float16))})
     with pytest.raises(ValueError, match="float16, its index says 'float32'"):
         unpack(half, index)
+
+
+@pytest.mark.parametrize("index, reason", [
+    (zlib.compress(b"[" * 200_000), "cannot be read"),                              # nesting: RecursionError
+    (zlib.compress(b" " * (1 << 23)), "expands beyond"),                           # a zlib bomb
+    (zlib.compress(b'{"dtype": "float32", "tensors": [["a", [-3]]]}'), "that is not"),
+    (zlib.compress(b'{"dtype": "float32", "tensors": [["a", [3]], ["a", [3]]]}'), "names a tensor twice"),
+    (zlib.compress(b'{"dtype": "int8", "tensors": []}'), "wire dtype"),
+    (zlib.compress(b'{"dtype": "float32", "tensors": [["a", [1e30]]]}'), "that is not"),
+    (b"x" * 100, "cannot be read"),
+])
+def test_hostile_indexes_are_bounded_value_errors(index, reason):
+    arrays, _ = pack(tensors(), "float32")
+    with pytest.raises(ValueError, match=reason):
+        unpack(arrays, ConfigRecord({"index": index}))

@@ -168,7 +168,10 @@ def random_valid_config(rng: random.Random) -> list[str]:
     if rng.random() < 0.3:
         overrides += ["privacy.dp=true", f"privacy.target_epsilon={rng.choice([1, 3.0, 8])}"]
     if rng.random() < 0.3:
-        overrides += ["privacy.secure_aggregation=true", "federation.min_replies=2", "federation.clients_per_round=0"]
+        overrides += ["privacy.secure_aggregation=true", "federation.min_replies=3", "federation.clients_per_round=0"]
+    elif rng.random() < 0.3:
+        overrides += [f"federation.aggregator='{rng.choice(['median', 'trimmed-mean'])}'",
+                      f"federation.max_update_norm={rng.choice([0.0, 0.5, 10.0])}"]
     if method.startswith("fedtt") and rng.random() < 0.3:
         overrides.append("adapter.head='tensorized'")
     return overrides

@@ -8,12 +8,12 @@ import torch
 from peft import PeftModel
 
 import fedtt
-import fedtt.federated.batches
+import fedtt.learning.batches
 from fedtt.cli import main
 from fedtt.config import load_config
-from fedtt.federated.batches import Encoded, batch, prompt_ids, response_ids
-from fedtt.federated.evaluation import answer, generate, response_losses
-from fedtt.federated.task import experiment, run_config_for, train_local
+from fedtt.federated.task import experiment, run_config_for
+from fedtt.learning.batches import Encoded, batch, prompt_ids, response_ids
+from fedtt.learning.evaluation import answer, generate, response_losses
 from fedtt.models import load_backbone
 from fedtt.run import run
 
@@ -49,7 +49,7 @@ def test_generation_from_the_saved_adapter_equals_the_in_memory_model(instructio
     assert generate(saved.model, saved.tokenizer, prompts, saved.device, 4, 8) == in_memory
     text = exp.task.validation[0]["prompt"]
     assert saved.generate([text], max_new_tokens=4) == generate(
-        exp.model, exp.tokenizer, [fedtt.federated.batches.prompt_ids(exp.tokenizer, text)], exp.device, 4, 8)
+        exp.model, exp.tokenizer, [fedtt.learning.batches.prompt_ids(exp.tokenizer, text)], exp.device, 4, 8)
     labels = saved.classify([exp.task.validation[0]["text"], "Who wrote Hamlet ?"])
     assert all(label in exp.task.label_names and 0 < p <= 1 for label, p in labels)
 
@@ -132,10 +132,9 @@ def test_every_training_and_evaluation_tensor_is_on_the_configured_device(device
 
     handles = [m.register_forward_pre_hook(check, with_kwargs=True) for m in exp.model.modules()]
     try:
-        train_local(exp, exp.train, exp.partitions[0], seed=0, lr=1e-3)
-        from fedtt.federated.evaluation import evaluate
+        exp.train_local(exp.train, exp.partitions[0], seed=0, lr=1e-3)
 
-        evaluate(exp, exp.validation)
+        exp.evaluate(exp.model, exp.validation)
     finally:
         for handle in handles:
             handle.remove()
@@ -167,7 +166,7 @@ def test_gradient_checkpointing_trains_the_same_adapter(tmp_path):
         cfg = load_config(None, TREC + [f"model.gradient_checkpointing={str(checkpointing).lower()}",
                                         "federation.local_steps=2", "task.max_eval_examples=4"])
         exp = experiment(run_config_for(cfg, "/unused"))
-        loss = train_local(exp, exp.train, exp.partitions[0], seed=0, lr=1e-2)
+        loss = exp.train_local(exp.train, exp.partitions[0], seed=0, lr=1e-2)
         results[checkpointing] = (loss, fedtt.trainable_state_dict(exp.model))
     (plain, a), (checkpointed, b) = results[False], results[True]
     assert checkpointed == pytest.approx(plain, rel=1e-4)

@@ -4,11 +4,11 @@ the validation-selected round, seeds, cross-device sampling, bad replies, failin
 import json
 import logging
 
+import conftest
 import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
 from safetensors.torch import load_file
 
 import fedtt
@@ -23,12 +23,12 @@ from fedtt.federated.freezing import factor_groups
 from fedtt.federated.server_app import app as server_app
 from fedtt.federated.server_app import select
 from fedtt.federated.strategy import learning_rate
-from fedtt.federated.task import local_batches, run_config_for
+from fedtt.federated.task import run_config_for
+from fedtt.learning.train import local_batches
 from fedtt.models import load_backbone
 from fedtt.run import run
 
-FAST = ["model.num_hidden_layers=2", "model.max_length=32", "task.max_eval_examples=100",
-        "federation.batch_size=8", "federation.local_steps=2", "federation.partition='iid'"]
+FAST = [*conftest.FAST, "task.max_eval_examples=100"]
 # Spam is learnable in a few rounds by the full MiniLM: the run every output test reads.
 SPAM = ["task.name='sms_spam'", "model.max_length=32", "task.max_eval_examples=200", "federation.batch_size=16",
         "federation.local_steps=10", "federation.rounds=3", "federation.lr=1e-2", "federation.lr_schedule='constant'",
@@ -68,15 +68,15 @@ def test_params_and_bytes_are_what_the_clients_sent(spam_run):
     payload = arrays.count_bytes() + index.count_bytes()
     groups = sorted({str(g) for g in factor_groups(model).values() if g is not None})  # one norm per group
     assert groups == ["0", "1", "2", "3", "4"]  # the default trains no adapter biases
-    metrics = MetricRecord({"train_loss": 0.5, "num-examples": 1, "partition-id": 0, "synced-round": 0,
+    metrics = MetricRecord({"train_loss": 0.5, "num-examples": 1, "synced-round": 0,
                             **{f"sq:{g}": 0.1 for g in groups}}).count_bytes()
     config_down = ConfigRecord({"server-round": 1, "lr": 0.1, "full": True, "base-round": 0, "sync-round": 0,
-                                "dp-prior-sigma": 0.0, "dp-prior-steps": 0}).count_bytes()
+                                "dp-prior-steps": 0}).count_bytes()
     for entry in results["rounds"]:
         assert entry["clients"] == 3
         assert entry["params_up"] == entry["params_down"] == 3 * results["trainable_params"]
-        # round 1 also asks each node its partition id once (an empty query, one int back)
-        query = 3 * (len("partition-id") + 8) if entry["round"] == 1 else 0
+        # round 1 also asks each node its partition id and example count once (an empty query, two ints back)
+        query = 3 * (len("partition-id") + len("num-examples") + 16) if entry["round"] == 1 else 0
         assert entry["bytes_up"] == 3 * (payload + metrics) + query
         assert entry["bytes_down"] == 3 * (payload + config_down)
     assert results["total_bytes"] == sum(r["bytes_up"] + r["bytes_down"] for r in results["rounds"])
@@ -155,15 +155,13 @@ def test_cross_device_200_clients_10_per_round(tmp_path):
     assert all(r["params_up"] == 10 * per_client for r in results["rounds"])
     # round 1 also asked each of the 200 nodes once for its partition id (an empty query, an int back)
     assert results["rounds"][0]["bytes_down"] == results["rounds"][1]["bytes_down"]
-    assert results["rounds"][0]["bytes_up"] - results["rounds"][1]["bytes_up"] == 200 * (len("partition-id") + 8)
+    assert results["rounds"][0]["bytes_up"] - results["rounds"][1]["bytes_up"] == 200 * (len("partition-id") + 8
+                                                                                         + len("num-examples") + 8)
     assert results["clients_per_round"] == 10 and len(results["client_label_histograms"]) == 200
 
 
 def corrupting_client_app(corrupt):
     """The real ClientApp, with partition 1's update tampered with by ``corrupt(update)`` before it leaves."""
-    app = ClientApp()
-
-    @app.train()
     def train(msg, context):
         reply = real_client.train(msg, context)
         if context.node_config["partition-id"] == 1:
@@ -172,9 +170,7 @@ def corrupting_client_app(corrupt):
             reply.content = RecordDict({"arrays": arrays, "wire": index, "metrics": reply.content["metrics"]})
         return reply
 
-    for action in ("partition", "synced"):
-        app.query(action)(getattr(real_client, action))
-    return app
+    return conftest.client_app_with(train)
 
 
 def first_wrong_shape(update):
@@ -215,13 +211,10 @@ def test_a_run_in_which_every_client_fails_exits_non_zero_with_their_error(tmp_p
 
 
 def test_a_run_whose_clients_all_raise_fails_with_the_first_error(tmp_path):
-    app = ClientApp()
-
-    @app.train()
     def broken(msg, context):
         raise RuntimeError("the GPU caught fire")
 
-    app.query("partition")(real_client.partition)
+    app = conftest.client_app_with(broken)
     cfg = config("federation.rounds=1")
     run_inprocess(server_app, app, num_nodes=3, run_config=run_config_for(cfg, str(tmp_path)))
     results = json.loads((tmp_path / "results.json").read_text())

@@ -2,11 +2,11 @@
 
 import json
 
+import conftest
 import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord, RecordDict
-from flwr.clientapp import ClientApp
 from safetensors.torch import load_file
 
 import fedtt
@@ -21,8 +21,7 @@ from fedtt.models import load_backbone
 from fedtt.run import run
 from fedtt.tt import TTLinear, tt_shape, tt_to_dense
 
-FAST = ["model.num_hidden_layers=2", "model.max_length=32", "task.max_eval_examples=60",
-        "federation.batch_size=8", "federation.local_steps=2", "federation.partition='iid'", "method='fedtt+'"]
+FAST = [*conftest.FAST, "method='fedtt+'"]
 
 
 def core_of(name):
@@ -129,9 +128,6 @@ def test_bad_policy_configs_are_rejected():
 def recording_client_app(log, wipe=None):
     """The real ClientApp; it logs what each train message carried and, with ``wipe = (partition, round)``,
     forgets everything that node holds after that round (a restarted SuperNode)."""
-    app = ClientApp()
-
-    @app.train()
     def train(msg, context):
         reply = real_client.train(msg, context)
         log.append({"round": msg.content["config"]["server-round"], "partition": context.node_config["partition-id"],
@@ -141,9 +137,7 @@ def recording_client_app(log, wipe=None):
             context.state = RecordDict()
         return reply
 
-    for action in ("partition", "synced"):
-        app.query(action)(getattr(real_client, action))
-    return app
+    return conftest.client_app_with(train)
 
 
 def test_frozen_cores_are_neither_sent_down_nor_up(tmp_path):

@@ -6,10 +6,11 @@ import copy
 import json
 import logging
 
+import conftest
 import numpy as np
 import pytest
 import torch
-from flwr.clientapp import ClientApp
+from conftest import client_app_with
 from opacus.accountants import PRVAccountant, RDPAccountant
 from safetensors.torch import load_file
 
@@ -18,19 +19,19 @@ from fedtt.config import load_config
 from fedtt.engines import inprocess
 from fedtt.engines.inprocess import run_inprocess
 from fedtt.federated import client_app as real_client
-from fedtt.federated.batches import batch
-from fedtt.federated.evaluation import losses
 from fedtt.federated.server_app import app as server_app
-from fedtt.federated.task import experiment, local_batches, run_config_for, train_local
+from fedtt.federated.task import experiment, run_config_for
+from fedtt.learning.batches import batch
+from fedtt.learning.evaluation import losses
+from fedtt.learning.train import local_batches
 from fedtt.models import load_backbone
 from fedtt.privacy import secure_aggregation
 from fedtt.privacy.dp import LocalDP, epsilon
 from fedtt.privacy.secagg import SecAggParams
 from fedtt.run import run
 
-FAST = ["model.num_hidden_layers=2", "model.max_length=32", "task.max_eval_examples=40", "federation.batch_size=8",
-        "federation.local_steps=2", "federation.partition='iid'", "federation.rounds=1"]
-SECURE = ["privacy.secure_aggregation=true", "federation.min_replies=2"]
+FAST = [*conftest.FAST, "task.max_eval_examples=40", "federation.rounds=1"]
+SECURE = ["privacy.secure_aggregation=true", "federation.min_replies=3"]
 
 
 def config(*overrides):
@@ -76,7 +77,7 @@ def snapshot(model):
 
 def dp_for(exp, **overrides):
     privacy = exp.config.privacy.model_copy(update=overrides)
-    return LocalDP(privacy, exp.config.federation, 64, rounds=1, prior=None, noise_seed=0)
+    return LocalDP(privacy, exp.config.federation, 64, rounds=1, prior=None, device=exp.device, seed=0)
 
 
 @pytest.fixture
@@ -133,7 +134,7 @@ def test_a_dp_step_moves_exactly_the_rounds_trainable_tensors(method):
     trainable = [p for p in model.parameters() if p.requires_grad]
     before = {n: p.detach().clone() for n, p in params.items()}
     privacy = load_config(None, ["privacy.dp=true", "privacy.noise_multiplier=1.0"]).privacy
-    dp = LocalDP(privacy, load_config(None, []).federation, 50, rounds=1, prior=None, noise_seed=1)
+    dp = LocalDP(privacy, load_config(None, []).federation, 50, rounds=1, prior=None, device=torch.device("cpu"))
     texts = tokenizer(["a fine film", "dull", "gripping", "a mess"], padding=True, return_tensors="pt")
     model.train()
     with dp.attached(model, torch.optim.AdamW(trainable, lr=1e-2)) as optimizer:
@@ -149,12 +150,12 @@ def test_without_noise_or_clipping_dp_sgd_is_plain_training_on_the_same_poisson_
     rows = exp.partitions[0]
     initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     dp = dp_for(exp, max_grad_norm=1e9)
-    train_local(exp, exp.train, rows, seed=5, lr=1e-3, dp=dp)
+    exp.train_local(exp.train, rows, seed=5, lr=1e-3, dp=dp)
     private = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     fedtt.load_trainable_state_dict(model, initial)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-3, weight_decay=0.0)  # as federation.weight_decay
-    batches = dp.batches(len(rows), torch.Generator().manual_seed(5))
+    batches = dp_for(exp, max_grad_norm=1e9).batches(len(rows))  # the same seed: the same Poisson batches
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(5)
         model.train()
@@ -176,7 +177,7 @@ def test_dp_off_is_the_plain_training_loop_bit_for_bit(tmp_path):
     exp = experiment(run_config_for(cfg, "/unused"))
     initial = {n: p.detach().clone() for n, p in exp.model.named_parameters() if p.requires_grad}
     rows = exp.partitions[1]
-    loss = train_local(exp, exp.train, rows, seed=3, lr=1e-3)
+    loss = exp.train_local(exp.train, rows, seed=3, lr=1e-3)
     ours = {n: p.detach().clone() for n, p in exp.model.named_parameters() if p.requires_grad}
     fedtt.load_trainable_state_dict(exp.model, initial)
     trainable = [p for p in exp.model.parameters() if p.requires_grad]
@@ -279,17 +280,12 @@ def test_the_server_only_ever_receives_masked_arrays(tmp_path, monkeypatch):
 
 def dropping_client_app(dropped):
     """The real ClientApp; partitions in ``dropped`` die in train, after the key stages (a killed client)."""
-    app = ClientApp()
-
-    @app.train()
     def train(msg, context):
         if context.node_config["partition-id"] in dropped:
             raise RuntimeError("killed after sharing its keys")
         return real_client.train(msg, context)
 
-    for action in ("partition", "synced", "secagg_setup", "secagg_share", "secagg_unmask"):
-        app.query(action)(getattr(real_client, action))
-    return app
+    return client_app_with(train)
 
 
 def test_a_client_killed_after_key_sharing_leaves_the_sum_over_the_survivors(tmp_path):

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import conftest
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -15,8 +16,7 @@ from fedtt.config import load_config
 from fedtt.federated.checkpoint import FILE as CHECKPOINT
 from fedtt.run import run
 
-FAST = ["model.num_hidden_layers=2", "model.max_length=32", "task.max_eval_examples=60",
-        "federation.batch_size=8", "federation.local_steps=2", "federation.partition=iid"]
+FAST = conftest.FAST
 # Extending a run equals a longer one only when the rate does not decay over the planned rounds.
 EXTEND = [*FAST, "federation.lr_schedule=constant"]
 SETUPS = {"fedtt+ adaptive": ["method=fedtt+", "freezing.policy=adaptive", "freezing.patience=1"],

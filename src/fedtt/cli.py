@@ -129,6 +129,7 @@ def cmd_deploy_local(args) -> None:
 
 
 def cmd_info(args) -> None:
+    from .config import METHODS
     from .data import BUNDLED_TASKS
     from .models import BUNDLED_MODELS
 
@@ -138,7 +139,7 @@ def cmd_info(args) -> None:
     print("bundled tasks (task.name; or a CSV/JSONL/Parquet path, or a hub dataset):")
     for name, description in BUNDLED_TASKS.items():
         print(f"  {name:16s} {description}")
-    print("methods: fedtt, fedtt+, lora, ffa-lora")
+    print(f"methods (method): {', '.join(METHODS)}")
 
 
 def main(argv: list[str] | None = None) -> int:

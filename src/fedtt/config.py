@@ -16,10 +16,12 @@ from typing import Annotated, Literal
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .adapters import METHODS as ADAPTER_METHODS
 from .adapters import AdapterConfig
+from .adapters.peft_methods import per_example_gradients
 from .defaults import METHOD_DEFAULTS
 
-METHODS = ("fedtt", "fedtt+", "lora", "ffa-lora")
+METHODS = ("fedtt", "fedtt+", *ADAPTER_METHODS[1:])  # fedtt+: the TT adapter under a freezing policy
 POLICIES = ("fixed", "cyclic", "adaptive")
 NonNegativeInt = Annotated[int, Field(ge=0)]
 PositiveInt = Annotated[int, Field(ge=1)]
@@ -88,6 +90,15 @@ class FederationConfig(Section):
     min_partition_size: PositiveInt = 1
     weighting: Literal["examples", "uniform"] = "examples"   # FedAvg weights: n_c or equal
     min_replies: PositiveInt = 1             # a round is aggregated when at least this many valid replies arrive
+    # Bounds on every reply (off by default): a node declaring more examples than max_examples takes no part (0: no
+    # cap); an update whose L2 norm exceeds max_update_norm is scaled down to it or rejected (0: no bound).
+    max_examples: NonNegativeInt = 0
+    max_update_norm: NonNegativeFloat = 0.0
+    norm_bound: Literal["clip", "reject"] = "clip"
+    # How the updates are combined: the weighted mean (FedAvg), or robust to a minority of hostile clients (plain
+    # path only): the coordinate-wise median, or the mean after trimming trim_fraction of each end.
+    aggregator: Literal["mean", "median", "trimmed-mean"] = "mean"
+    trim_fraction: Annotated[float, Field(ge=0.0, lt=0.5)] = 0.1
     # Flower engines: seconds the server waits for a round's replies, and at the first round for the nodes to
     # connect; the round then goes on with the replies that arrived (in-process replies never wait).
     round_timeout: PositiveFloat = 600.0
@@ -154,6 +165,9 @@ class PrivacyConfig(Section):
     max_grad_norm: PositiveFloat = 1.0       # per-example clipping norm C
     delta: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None  # None: min(1e-5, 1 / (10 n)) for the largest n
     accountant: Literal["rdp", "prv"] = "rdp"
+    # true: DP noise and Poisson batches are derived from the run seed, so a seed reproduces a private run, and the
+    # guarantee does NOT hold against the server (it knows the seed); false: each client's own OS entropy
+    reproducible_noise: bool = False
     secure_aggregation: bool = False
     secagg_num_shares: NonNegativeInt = 0    # neighbours + 1 per client (SecAgg+); 0: every sampled client
     secagg_threshold: NonNegativeInt = 0     # shares needed to unmask; 0: a majority of num_shares
@@ -173,7 +187,7 @@ class PrivacyConfig(Section):
 
 
 class Config(Section):
-    method: Literal["fedtt", "fedtt+", "lora", "ffa-lora"] = "fedtt"
+    method: Literal[METHODS] = "fedtt"
     seed: NonNegativeInt = 0                 # training: adapter and head init, batch order, dropout, DP noise
     data_seed: NonNegativeInt | None = None  # split and partition; None: the same as seed
     model: ModelConfig = ModelConfig()
@@ -211,17 +225,34 @@ class Config(Section):
         if self.method == "fedtt+" and self.clients_per_round < fed.num_clients:
             raise ValueError("method = 'fedtt+' is for cross-silo federations (every client every round); "
                              "set federation.clients_per_round = 0 or use method = 'fedtt'")
+        if self.privacy.dp and not per_example_gradients(self.adapter.method):
+            able = ", ".join(m for m in METHODS if per_example_gradients(adapter_method(m)))
+            raise ValueError(f"privacy.dp = true: Opacus cannot compute per-example gradients for method = "
+                             f"'{self.method}' (its vectors are PEFT ParameterDicts, which Opacus cannot hook); "
+                             f"DP-SGD runs with {able}")
         if self.task.kind == "instruction" and self.adapter.head == "tensorized":
             raise ValueError("adapter.head = 'tensorized' is for classification; instruction tasks keep the LM head")
         if self.privacy.secure_aggregation and self.clients_per_round < self.privacy.secagg_min_clients:
             raise ValueError(f"privacy.secure_aggregation needs at least privacy.secagg_min_clients = "
                              f"{self.privacy.secagg_min_clients} clients per round, the config has "
                              f"{self.clients_per_round}")
-        if self.privacy.secure_aggregation and fed.min_replies < 2:
-            raise ValueError("privacy.secure_aggregation: federation.min_replies must be >= 2 (a sum over one "
-                             "client is that client's update)")
+        if self.privacy.secure_aggregation:
+            self._check_secure_aggregation()
         self._check_groups()
         return self
+
+    def _check_secure_aggregation(self) -> None:
+        """A sum over fewer than 3 clients tells each of them the others' update (from the next global adapter);
+        the SecAgg+ parameters must fit the round before round 1; robust aggregators need the updates in the clear."""
+        from .privacy.secure_aggregation import round_params
+
+        if self.federation.min_replies < 3:
+            raise ValueError("privacy.secure_aggregation: federation.min_replies must be >= 3 (with two survivors each "
+                             "one reads the other's update from the next global adapter)")
+        if self.federation.aggregator != "mean":
+            raise ValueError(f"federation.aggregator = {self.federation.aggregator!r} needs every update in the "
+                             "clear; with privacy.secure_aggregation use 'mean' (bound updates with max_update_norm)")
+        round_params(self.privacy, self.clients_per_round)
 
     def _check_groups(self) -> None:
         """FedTT+ groups: core indices within the adapters' core count (when the model's size is known without

@@ -14,8 +14,8 @@ import torch
 
 from .adapters import load_adapter, read_adapter_config
 from .data.instructions import fill
-from .federated.batches import prompt_ids
-from .federated.evaluation import generate, label_scores
+from .learning.batches import prompt_ids
+from .learning.evaluation import generate, label_scores
 from .models import load_backbone, resolve_device
 
 

@@ -1,4 +1,4 @@
-"""Adapters with one interface: the tensorized (TT) adapter, and LoRA / FFA-LoRA from peft."""
+"""Adapters with one interface: the tensorized (TT) adapter, and the baselines on peft's tuners (peft_methods)."""
 
 from .config import METHODS, AdapterConfig
 from .model import (

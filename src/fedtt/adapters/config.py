@@ -7,8 +7,9 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..defaults import method_default
+from .peft_methods import PEFT_METHODS
 
-METHODS = ("fedtt", "lora", "ffa-lora")
+METHODS = ("fedtt", *PEFT_METHODS)  # the tensorized adapter, then the baselines from peft
 PositiveInt = Annotated[int, Field(ge=1)]
 Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
 
@@ -19,8 +20,9 @@ class AdapterConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    method: Literal["fedtt", "lora", "ffa-lora"] = "fedtt"
-    rank: PositiveInt | None = None           # TT rank (LoRETTA default 5) or LoRA r (default 8)
+    method: Literal[METHODS] = "fedtt"
+    # the size knob: TT rank; LoRA / FFA-LoRA / Fed-SB r; VeRA's shared-matrix rank; (IA)^3 has none (unused)
+    rank: PositiveInt | None = None
     bottleneck: PositiveInt = 64              # tensorized adapter: hidden -> bottleneck -> hidden
     nonlinearity: Literal["relu", "gelu", "tanh", "silu", "identity"] = "relu"
     scale: Annotated[float, Field(gt=0.0)] = 1.0
@@ -47,9 +49,9 @@ class AdapterConfig(BaseModel):
         for key in ("rank", "train_biases", "train_norms"):
             if getattr(self, key) is None:
                 object.__setattr__(self, key, method_default(self.method, f"adapter.{key}"))
-        if self.train_biases is None:  # LoRA has no adapter biases
+        if self.train_biases is None:  # the PEFT methods have no adapter biases
             object.__setattr__(self, "train_biases", False)
         if self.head == "tensorized" and self.method != "fedtt":
-            raise ValueError("adapter.head = 'tensorized' goes with the TT methods (fedtt, fedtt+); LoRA adapters "
-                             "keep a dense head (PEFT could not load a TT head)")
+            raise ValueError("adapter.head = 'tensorized' goes with the TT methods (fedtt, fedtt+); the PEFT "
+                             "methods keep a dense head (PEFT could not load a TT head)")
         return self

@@ -6,9 +6,9 @@ the trainable ones plus frozen adapter tensors such as FFA-LoRA's A, and the tas
 model's own ``named_parameters`` names, so they are stable across processes and machines.
 
 A saved adapter is a directory in PEFT's layout: ``adapter_config.json`` + ``adapter_model.safetensors``, and
-``fedtt.json`` (what fedtt needs to rebuild the model: the adapter config, the backbone, the task). LoRA and
-FFA-LoRA directories are standard PEFT adapters (``peft.PeftModel.from_pretrained(base, directory)`` loads
-them without fedtt; the head and trained norms are ``modules_to_save``). The TT adapter's
+``fedtt.json`` (what fedtt needs to rebuild the model: the adapter config, the backbone, the task). The
+baselines' directories (``peft_methods``) are standard PEFT adapters (``peft.PeftModel.from_pretrained(base,
+directory)`` loads them without fedtt; the head and trained norms are ``modules_to_save``). The TT adapter's
 ``adapter_config.json`` describes a fedtt method PEFT does not know (registering one would mean adding a
 member to PEFT's ``PeftType`` enum, i.e. patching PEFT): it loads with ``fedtt.load_adapter(model, directory)``.
 """
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import json
-import re
 from pathlib import Path
 
 import torch
@@ -25,11 +24,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import AdapterConfig
-from .placement import LORA_TARGETS, TT_TARGETS, family_of, head_dense, is_head, is_norm, matches, unsupported
+from .peft_methods import PEFT_METHODS, peft_key
+from .placement import TT_TARGETS, family_of, head_dense, is_head, is_norm, matches, unsupported
 from .tensorized import AdaptedLinear, TensorizedAdapter, TensorizedHead
 
 WEIGHTS_FILE, CONFIG_FILE, FEDTT_FILE = "adapter_model.safetensors", "adapter_config.json", "fedtt.json"
-PEFT_PREFIX = "base_model.model."
 
 
 def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
@@ -41,7 +40,7 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
     if config.method == "fedtt":
         _inject_tensorized(model, config)
     else:
-        _inject_lora(model, config)
+        _inject_peft(model, config)
     if config.head == "tensorized":
         _tensorize_head(model, config)
     added = {name for name, p in model.named_parameters() if id(p) not in backbone}
@@ -50,16 +49,16 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
         if (config.train_norms and is_norm(module)) or (config.train_head and name in heads):
             module.requires_grad_(True)
     params = dict(model.named_parameters())
-    for name in added:  # adapter tensors train, except FFA-LoRA's A (kept at its seeded init) and unwanted biases
-        frozen = (config.method == "ffa-lora" and "lora_A" in name) or (
-            config.method == "fedtt" and not config.train_biases and name.endswith(".bias"))
+    for name in added:  # adapter tensors train, except those a method keeps at their seeded init and unwanted biases
+        frozen = (not config.train_biases and name.endswith(".bias") if config.method == "fedtt"
+                  else PEFT_METHODS[config.method].frozen(name))
         params[name].requires_grad_(not frozen)
     for module in model.modules():  # a tensorized head's dense stays as it was
         if isinstance(module, TensorizedHead):
             module.base_layer.requires_grad_(False)
     model.fedtt_config = config
     model.fedtt_trainable = [n for n, p in params.items() if p.requires_grad]
-    # The adapter file: what trains, frozen adapter tensors (FFA-LoRA's A) and the task head even when it is
+    # The adapter file: what trains, frozen adapter tensors (e.g. FFA-LoRA's A) and the task head even when it is
     # frozen (its seeded init is not in the backbone's checkpoint).
     in_head = tuple(f"{h}." for h in heads)
     model.fedtt_adapter_keys = [n for n, p in params.items() if n in added or p.requires_grad or n.startswith(in_head)]
@@ -100,23 +99,17 @@ def _tensorize_head(model: nn.Module, config: AdapterConfig) -> None:
     setattr(parent, child, TensorizedHead(getattr(parent, child), config, generator))
 
 
-def _inject_lora(model: nn.Module, config: AdapterConfig) -> None:
+def _inject_peft(model: nn.Module, config: AdapterConfig) -> None:
     # peft is imported here, not at the top: ~1 s more for every Flower app process, and TT runs never use it
-    from peft import LoraConfig, inject_adapter_in_model
     from peft.tuners.tuners_utils import cast_adapter_dtype
 
     family = family_of(model)
     if config.target_modules is None and family is None:
         raise unsupported(model)
-    targets = config.target_modules or LORA_TARGETS[family]
     # PEFT keeps the task head out of "all-linear" only for SEQ_CLS, and needs the task type in the saved config
     task_type = "SEQ_CLS" if any(is_head(n) for n, _ in model.named_modules()) else "CAUSAL_LM"
-    lora = LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules="all-linear" if targets == ["all-linear"] else targets, task_type=task_type)
-    with torch.random.fork_rng(devices=[]):  # seeded A (and B) init without touching the global RNG
-        torch.manual_seed(config.seed)
-        inject_adapter_in_model(lora, model)
-    cast_adapter_dtype(model, adapter_name="default")  # fp32 LoRA on a half-precision backbone, as PeftModel does
+    PEFT_METHODS[config.method].inject(model, config, family, task_type)
+    cast_adapter_dtype(model, adapter_name="default")  # fp32 adapters on a half-precision backbone, as PeftModel does
 
 
 def _injected(model: nn.Module) -> AdapterConfig:
@@ -133,7 +126,7 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Everything an adapter file needs: the trainable tensors and frozen adapter tensors (FFA-LoRA's A)."""
+    """Everything an adapter file needs: the trainable tensors and frozen adapter parameters (e.g. FFA-LoRA's A)."""
     _injected(model)
     params = dict(model.named_parameters())
     return {name: params[name].detach().clone() for name in model.fedtt_adapter_keys}
@@ -172,11 +165,11 @@ def save_adapter(model: nn.Module, directory: str | Path, metadata: dict | None 
         (directory / CONFIG_FILE).write_text(json.dumps(peft_config, indent=2))
     else:
         tensors = _peft_tensors(model)
-        lora = copy.deepcopy(model.peft_config["default"])
-        lora.modules_to_save = _saved_modules(model) or None
-        lora.base_model_name_or_path = (metadata or {}).get("model_path") or getattr(model, "name_or_path", None)
-        lora.inference_mode = True
-        lora.save_pretrained(str(directory))
+        peft_config = copy.deepcopy(model.peft_config["default"])
+        peft_config.modules_to_save = _saved_modules(model) or None
+        peft_config.base_model_name_or_path = (metadata or {}).get("model_path") or getattr(model, "name_or_path", None)
+        peft_config.inference_mode = True
+        peft_config.save_pretrained(str(directory))
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, directory / WEIGHTS_FILE,
               metadata={"format": "pt"})
     (directory / FEDTT_FILE).write_text(json.dumps({"adapter": config.model_dump(mode="json"), **(metadata or {})},
@@ -185,17 +178,18 @@ def save_adapter(model: nn.Module, directory: str | Path, metadata: dict | None 
 
 
 def _saved_modules(model: nn.Module) -> list[str]:
-    """Backbone modules a LoRA adapter carries whole (PEFT's modules_to_save): the head and trained norms."""
-    return sorted({n.rpartition(".")[0] for n in model.fedtt_adapter_keys if ".lora_" not in n})
+    """Backbone modules a PEFT adapter carries whole (PEFT's modules_to_save): the head and trained norms."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    tuned = tuple(f"{name}." for name, m in model.named_modules() if isinstance(m, BaseTunerLayer))
+    return sorted({n.rpartition(".")[0] for n in model.fedtt_adapter_keys if not n.startswith(tuned)})
 
 
 def _peft_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    from peft.utils import get_peft_model_state_dict
-
-    tensors = get_peft_model_state_dict(model, adapter_name="default", save_embedding_layers=False)
+    tensors = {peft_key(name): tensor for name, tensor in adapter_state_dict(model).items()}
     for module in _saved_modules(model):  # the whole state dict: PEFT's loader maps every key of the module
-        tensors.update({f"{module}.{k}": v for k, v in model.get_submodule(module).state_dict().items()})
-    return {PEFT_PREFIX + k: v for k, v in tensors.items()}
+        tensors.update({peft_key(f"{module}.{k}"): v for k, v in model.get_submodule(module).state_dict().items()})
+    return PEFT_METHODS[model.fedtt_config.method].to_file(model, tensors)
 
 
 def read_adapter_config(directory: str | Path) -> dict:
@@ -213,9 +207,8 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     if not hasattr(model, "fedtt_config"):
         inject(model, AdapterConfig(**saved["adapter"]))
     tensors = load_file(Path(directory) / WEIGHTS_FILE)
-    if model.fedtt_config.method != "fedtt":  # PEFT names -> the model's own
-        params = set(dict(model.named_parameters()))
-        tensors = {name: t for k, t in tensors.items()
-                   if (name := re.sub(r"(\.lora_[AB])\.", r"\1.default.", k.removeprefix(PEFT_PREFIX))) in params}
+    if (method := model.fedtt_config.method) != "fedtt":  # PEFT keys -> the model's names
+        tensors = PEFT_METHODS[method].from_file(model, tensors)
+        tensors = {name: tensors[key] for name in model.fedtt_adapter_keys if (key := peft_key(name)) in tensors}
     load_trainable_state_dict(model, tensors, allowed=model.fedtt_adapter_keys)
     return model

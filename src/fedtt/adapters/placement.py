@@ -16,7 +16,12 @@ TT_TARGETS = {
     "bert": [("output.dense", "output")],
     "llama": [("mlp.gate_proj", "input"), ("mlp.up_proj", "input"), ("mlp.down_proj", "output")],
 }
+# LoRA, FFA-LoRA, VeRA and Fed-SB: the attention query and value (LoRA's and VeRA's papers)
 LORA_TARGETS = {"bert": ["query", "value"], "llama": ["q_proj", "v_proj"]}
+# (IA)^3: (targets, the feed-forward ones among them, whose input is rescaled instead of their output), PEFT's
+# defaults for bert and llama. BERT's suffix "output.dense" also names the attention output dense.
+IA3_TARGETS = {"bert": (["key", "value", "output.dense"], ["output.dense"]),
+               "llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"])}
 HEAD_NAMES = ("classifier", "score")
 # The head's hidden x hidden dense, tensorized with adapter.head = "tensorized": BERT/DeBERTa pool through
 # pooler.dense (pretrained), RoBERTa-style heads have classifier.dense (new); LLaMA's score has none.

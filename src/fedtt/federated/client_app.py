@@ -3,8 +3,13 @@
 ``train``: decode the received tensors (FedTT+: merge them into the global state this node holds), load them,
 train this round's groups on the local data (DP-SGD when configured), send back the update, trained minus
 received, packed (or masked, under secure aggregation), and the squared size of the update per group. Queries
-answer the server's questions: the node's partition, the global state it holds, and the secure aggregation
-stages.
+answer the server's questions: the node's partition (and its example count), the global state it holds, and
+the secure aggregation stages. Every message is built and read through ``protocol``.
+
+What a reply tells the server is kept to what the docs say it sees: under DP or secure aggregation no train loss
+(it is a function of the private data with no noise on it), and the update only as DP made it or masked.
+Before taking part a site checks the run against its own privacy floor (``privacy.policy.SitePolicy``, from its node
+config): a server cannot talk a site out of DP, a smaller epsilon, or secure aggregation.
 """
 
 from __future__ import annotations
@@ -19,22 +24,23 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from ..adapters import load_trainable_state_dict
+from ..learning.batches import Encoded
 from ..privacy import secure_aggregation as secure
 from ..privacy.dp import LocalDP
-from .batches import Encoded
+from ..privacy.policy import SitePolicy
+from . import protocol
+from .aggregate import mean_squares
 from .codec import pack, unpack
 from .freezing import round_keys
-from .strategy import SQ
 from .task import (
-                   CONFIG_KEY,
-                   DATA_PATH_KEY,
-                   Experiment,
-                   build_data,
-                   config_from_run_config,
-                   experiment,
-                   load_task_of,
-                   site_data,
-                   train_local,
+    CONFIG_KEY,
+    DATA_PATH_KEY,
+    Experiment,
+    build_data,
+    config_from_run_config,
+    experiment,
+    load_task_of,
+    site_data,
 )
 
 app = ClientApp()
@@ -85,7 +91,8 @@ def _partitions(config_toml: str) -> list[np.ndarray]:
 
 
 def client_seed(seed: int, server_round: int, partition_id: int) -> int:
-    """Each client's batches and dropout differ per round, and a seed reproduces all of them."""
+    """Each client's batches and dropout differ per round, and a seed reproduces all of them. Nothing that protects
+    a client is drawn from it (DP noise, Poisson batches, SecAgg rounding), unless privacy.reproducible_noise."""
     return (seed * 1_000_003 + server_round * 10_007 + partition_id) % 2**63
 
 
@@ -93,7 +100,7 @@ def synced_round(context: Context) -> int:
     return int(context.state[SYNCED_ROUND]["round"]) if SYNCED_ROUND in context.state.config_records else 0
 
 
-def merge_synced(exp: Experiment, context: Context, config: ConfigRecord,
+def merge_synced(exp: Experiment, context: Context, config: dict,
                  received: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """FedTT+: what changed since this node last synced, on top of what it holds (never synced: the seeded init).
 
@@ -113,20 +120,19 @@ def merge_synced(exp: Experiment, context: Context, config: ConfigRecord,
     return merged
 
 
-def _group(text: str):
-    return int(text) if text.lstrip("-").isdigit() else text
-
-
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     exp = experiment(context.run_config)
     cfg = exp.config
+    SitePolicy.of(context.node_config).check(cfg)
+    parsed = protocol.TRAIN_INS.parse(msg.content)
+    config = parsed["config"]
     data, rows = local_data(exp, context.node_config)
     partition_id = partition_id_of(context.node_config)
-    config = msg.content["config"]
-    server_round = int(config["server-round"])
-    keys = round_keys(exp.groups, [_group(g) for g in config["groups"]] if "groups" in config else None)
-    received = merge_synced(exp, context, config, unpack(msg.content["arrays"], msg.content["wire"]))
+    server_round = config["server-round"]
+    groups = [protocol.group_of(g) for g in config["groups"]] if "groups" in config else None
+    keys = round_keys(exp.groups, groups)
+    received = merge_synced(exp, context, config, unpack(parsed["arrays"], parsed["wire"]))
     load_trainable_state_dict(exp.model, {k: torch.from_numpy(np.asarray(v)) for k, v in received.items()},
                               strict=False)
     params = dict(exp.model.named_parameters())
@@ -134,34 +140,26 @@ def train(msg: Message, context: Context) -> Message:
         params[name].requires_grad_(name in keys)
     start = {k: params[k].detach().to("cpu", torch.float32).clone() for k in keys}
     seed = client_seed(cfg.seed, server_round, partition_id)
-    dp = LocalDP.for_round(exp, context, config, len(rows), noise_seed=seed) if cfg.privacy.dp else None
-    loss = train_local(exp, data, rows, seed=seed, lr=float(config["lr"]), dp=dp,
-                       desc=f"round {server_round} client {partition_id}")
+    dp = LocalDP.for_round(cfg.privacy, cfg.federation, context, len(rows), config["dp-prior-steps"], exp.device,
+                           seed) if cfg.privacy.dp else None
+    loss = exp.train_local(data, rows, seed=seed, lr=config["lr"], dp=dp,
+                           desc=f"round {server_round} client {partition_id}")
 
     update = {k: (params[k].detach().to("cpu", torch.float32) - start[k]).numpy() for k in keys}
-    mean_squares = _mean_squares(update, exp.groups)
-    metrics = {"train_loss": loss, "num-examples": len(rows), "partition-id": partition_id,
-               "synced-round": synced_round(context), **(dp.finish(context) if dp else {})}
-    if "secagg" in msg.content.config_records:
-        arrays = secure.client_mask(context, msg.content["secagg"], update, mean_squares, len(rows),
-                                    cfg.federation.weighting == "uniform", seed)
+    squares = mean_squares(update, exp.groups)
+    metrics = {"num-examples": len(rows), "synced-round": synced_round(context), **(dp.finish(context) if dp else {})}
+    if not (cfg.privacy.dp or "secagg" in parsed):  # the loss is a statistic of the private data
+        metrics["train_loss"] = loss
+    if "secagg" in parsed:
+        rng = np.random.default_rng(seed) if cfg.privacy.reproducible_noise else None
+        arrays = secure.client_mask(context, parsed["secagg"], update, squares, len(rows),
+                                    cfg.federation.weighting == "uniform", rng)
         content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
     else:
         arrays, index = pack(update, cfg.federation.wire_dtype)
-        metrics.update({SQ + g: v for g, v in mean_squares.items()})
+        metrics.update({protocol.SQ + g: v for g, v in squares.items()})
         content = RecordDict({"arrays": arrays, "wire": index, "metrics": MetricRecord(metrics)})
     return Message(content, reply_to=msg)
-
-
-def _mean_squares(update: dict[str, np.ndarray], groups) -> dict[str, float]:
-    """Per group: the mean square of the update's values (FedTT+'s agreement signal)."""
-    sums: dict[str, float] = {}
-    counts: dict[str, int] = {}
-    for name, value in update.items():
-        if (group := groups.get(name)) is not None:
-            sums[str(group)] = sums.get(str(group), 0.0) + float((value.astype(np.float64) ** 2).sum())
-            counts[str(group)] = counts.get(str(group), 0) + value.size
-    return {g: sums[g] / counts[g] for g in sums}
 
 
 def _reply(msg: Message, **metrics) -> Message:
@@ -170,8 +168,12 @@ def _reply(msg: Message, **metrics) -> Message:
 
 @app.query("partition")
 def partition(msg: Message, context: Context) -> Message:
-    """Which partition this node holds: the server samples partitions, not node ids."""
-    return _reply(msg, **{"partition-id": partition_id_of(context.node_config)})
+    """Which partition this node holds and how many examples (its FedAvg weight is bounded by this): the server
+    samples partitions, not node ids. A site whose privacy floor the run does not meet refuses here."""
+    config = config_from_run_config(context.run_config)
+    SitePolicy.of(context.node_config).check(config)
+    return _reply(msg, **{"partition-id": partition_id_of(context.node_config),
+                          "num-examples": local_size(config, context.node_config)})
 
 
 @app.query("synced")
@@ -182,14 +184,21 @@ def synced(msg: Message, context: Context) -> Message:
 
 @app.query("secagg_setup")
 def secagg_setup(msg: Message, context: Context) -> Message:
-    config = config_from_run_config(context.run_config)  # the data's size only: no model to build for this stage
-    return secure.client_setup(msg, context, local_size(config, context.node_config),
-                               config.privacy.secagg_min_clients)
+    config = config_from_run_config(context.run_config)  # no model to build for this stage
+    policy = SitePolicy.of(context.node_config)
+    policy.check(config)
+    return secure.client_setup(msg, context, policy.min_clients(config))
 
 
 @app.query("secagg_share")
 def secagg_share(msg: Message, context: Context) -> Message:
     return secure.client_share(msg, context)
+
+
+@app.query("secagg_sign")
+def secagg_sign(msg: Message, context: Context) -> Message:
+    config = config_from_run_config(context.run_config)
+    return secure.client_sign(msg, context, SitePolicy.of(context.node_config).min_clients(config))
 
 
 @app.query("secagg_unmask")

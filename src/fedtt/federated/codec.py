@@ -10,6 +10,7 @@ receivers decode to float32; the server aggregates in float64. The same format s
 from __future__ import annotations
 
 import json
+import math
 import zlib
 
 import numpy as np
@@ -19,6 +20,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 PACKED, INDEX = "packed", "index"
 WIRE_DTYPES = ("float32", "float16", "bfloat16")
 # Largest relative rounding error of one value (half a unit in the last place), for finite normal values.
+MAX_INDEX = 1 << 22  # bytes an index may expand to (about 30,000 tensor names)
 RELATIVE_ERROR = {"float32": 2.0 ** -24, "float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}
 
 
@@ -36,16 +38,18 @@ def pack(tensors: dict[str, np.ndarray | torch.Tensor], dtype: str) -> tuple[Arr
 
 
 def unpack(arrays: ArrayRecord, index: ConfigRecord) -> dict[str, np.ndarray]:
-    """The float32 tensors of a packed message; a malformed one is a ``ValueError`` saying what is wrong."""
-    if PACKED not in arrays or INDEX not in index:
-        raise ValueError("not a packed message: the 'packed' array or its 'index' is missing")
+    """The float32 tensors of a packed message; a malformed or hostile one (any bytes at all) is a ``ValueError``
+    saying what is wrong. Decoding is bounded: the index expands to at most ``MAX_INDEX`` bytes and is a flat
+    list, and the sizes it declares must add up to the values that arrived."""
+    if PACKED not in arrays or INDEX not in index or len(arrays) != 1:
+        raise ValueError("not a packed message: exactly one 'packed' array and its 'index' are expected")
+    entries, dtype = _read_index(index[INDEX])
     try:
-        meta = json.loads(zlib.decompress(index[INDEX]))
-        dtype, entries = meta["dtype"], [(str(n), tuple(int(d) for d in shape)) for n, shape in meta["tensors"]]
-    except (zlib.error, ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"the message index cannot be read ({err})") from None
-    values = _decode(arrays[PACKED].numpy(), dtype)
-    sizes = [int(np.prod(shape)) for _, shape in entries]
+        raw = arrays[PACKED].numpy()
+    except Exception as err:  # Flower's Array.numpy() on arbitrary bytes raises whatever numpy raises
+        raise ValueError(f"the packed array cannot be read ({type(err).__name__})") from None
+    values = _decode(raw, dtype)
+    sizes = [math.prod(shape) for _, shape in entries]
     if values.ndim != 1 or len(values) != sum(sizes):
         raise ValueError(f"the packed array has {values.size} values, its index describes {sum(sizes)}")
     out, start = {}, 0
@@ -53,6 +57,31 @@ def unpack(arrays: ArrayRecord, index: ConfigRecord) -> dict[str, np.ndarray]:
         out[name] = values[start:start + size].reshape(shape)
         start += size
     return out
+
+
+def _read_index(data) -> tuple[list[tuple[str, tuple[int, ...]]], str]:
+    """(name, shape) per tensor and the wire dtype, from the compressed JSON index."""
+    if not isinstance(data, bytes):
+        raise ValueError("the message index is not bytes")
+    try:
+        inflater = zlib.decompressobj()
+        text = inflater.decompress(data, MAX_INDEX)
+        if inflater.unconsumed_tail or not inflater.eof:
+            raise ValueError(f"it expands beyond {MAX_INDEX} bytes or is truncated")
+        meta = json.loads(text)
+        dtype, tensors = meta["dtype"], meta["tensors"]
+        entries = [(name, tuple(shape)) for name, shape in tensors]
+    except (zlib.error, ValueError, KeyError, TypeError, RecursionError) as err:
+        raise ValueError(f"the message index cannot be read ({type(err).__name__}: {str(err)[:80]})") from None
+    if dtype not in WIRE_DTYPES:
+        raise ValueError(f"the message index names wire dtype {str(dtype)[:20]!r}")
+    for name, shape in entries:
+        if not isinstance(name, str) or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40
+                                                for d in shape) or len(shape) > 8:
+            raise ValueError("the message index has an entry that is not [name, [dims...]]")
+    if len({name for name, _ in entries}) != len(entries):
+        raise ValueError("the message index names a tensor twice")
+    return entries, dtype
 
 
 def num_values(arrays: ArrayRecord) -> int:

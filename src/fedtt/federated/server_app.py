@@ -22,16 +22,17 @@ from tqdm.auto import tqdm
 from ..adapters import load_trainable_state_dict, save_adapter
 from ..data import label_histograms
 from ..files import atomic_write
-from ..privacy.dp import default_delta
+from ..learning.evaluation import GENERATION, selection_metric
 from ..report import code_version, round_summary, write_results
 from .checkpoint import Checkpoint, check_resumable, read_checkpoint, save_checkpoint
-from .evaluation import GENERATION, evaluate, selection_metric
 from .freezing import FreezingPolicy, num_cores
 from .strategy import FedTTStrategy
 from .task import OUT_KEY, RESUME_KEY, Experiment, experiment
 
 app = ServerApp()
 logger = logging.getLogger("fedtt")
+REPRODUCIBLE_WARNING = ("privacy.reproducible_noise = true: every client's DP noise and Poisson batches follow from "
+                        "the run seed, which the server knows, so the DP guarantee does NOT hold against the server")
 
 
 def select(rounds: list[dict], metric: str, higher: bool) -> dict | None:
@@ -72,6 +73,9 @@ class RunRecorder:
             self.results["generation"] = {**GENERATION, "max_new_tokens": cfg.task.max_new_tokens}
         if cfg.privacy.dp or cfg.privacy.secure_aggregation:
             self.results["privacy"] = {"dp": cfg.privacy.dp, "secure_aggregation": cfg.privacy.secure_aggregation}
+        if cfg.privacy.dp and cfg.privacy.reproducible_noise:
+            self.results["privacy"]["warning"] = REPRODUCIBLE_WARNING
+            logger.warning(REPRODUCIBLE_WARNING)
         self.start = time.time()
         self.progress = tqdm(total=cfg.federation.rounds, desc="rounds", disable=None)
 
@@ -85,11 +89,11 @@ class RunRecorder:
         logger.info("resuming after round %d of %d", checkpoint.round, self.exp.config.federation.rounds)
 
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        server_round += self.strategy.resumed_from
+        server_round = self.strategy.global_round(server_round)
         if server_round == self.strategy.resumed_from > 0:  # the checkpoint's round: evaluated before the stop
             return MetricRecord(self.results["rounds"][-1]["eval"])
         load_trainable_state_dict(self.exp.model, arrays.to_torch_state_dict())
-        validation, test = evaluate(self.exp, self.exp.validation), evaluate(self.exp, self.exp.test)
+        validation, test = (self.exp.evaluate(self.exp.model, split) for split in (self.exp.validation, self.exp.test))
         total = self.exp.config.federation.rounds
         if server_round == 0:
             self.results["initial"] = {"validation": validation, "test": test}
@@ -102,14 +106,9 @@ class RunRecorder:
 
     def _record(self, server_round: int, validation: dict, test: dict) -> None:
         stats = self.strategy.rounds[server_round]
-        entry = {"round": server_round, "clients": stats["contributed"], "sampled": stats["sampled"],
-                 "train_loss": stats["train_loss"], "lr": stats["lr"], "validation": validation, "eval": test,
-                 **{k: stats[k] for k in ("params_up", "params_down", "bytes_up", "bytes_down", "partitions",
-                                          "groups", "agreement", "dropped", "seconds")}}
-        if "skipped" in stats:
-            entry["skipped"] = stats["skipped"]
+        entry = {"round": server_round, **stats.entry(), "validation": validation, "eval": test}
         if self.exp.config.privacy.dp:
-            self._account_privacy(entry, stats["privacy"])
+            self._account_privacy(entry, stats.privacy)
         self.results["rounds"].append(entry)
         self.results["total_bytes"] += entry["bytes_up"] + entry["bytes_down"]
         self.progress.update(1)
@@ -121,10 +120,8 @@ class RunRecorder:
         summary.setdefault("epsilon", {}).update({pid: s["epsilon"] for pid, s in spent.items()})
         summary.setdefault("noise_multiplier", {}).update({pid: s["noise_multiplier"] for pid, s in spent.items()})
         summary.setdefault("sample_rate", {}).update({pid: s["sample_rate"] for pid, s in spent.items()})
-        sizes = {str(pid): len(rows) for pid, rows in enumerate(self.exp.partitions)}
+        summary.setdefault("delta", {}).update({pid: s["delta"] for pid, s in spent.items()})  # as each client says
         privacy = self.exp.config.privacy
-        summary["delta"] = {pid: privacy.delta if privacy.delta is not None else default_delta(sizes.get(pid, 1))
-                            for pid in summary["epsilon"]}
         summary.update(max_grad_norm=privacy.max_grad_norm, accountant=privacy.accountant,
                        target_epsilon=privacy.target_epsilon,
                        epsilon_max=max(summary["epsilon"].values(), default=0.0))

@@ -1,4 +1,4 @@
-"""The Flower "task" module: the experiment every node builds from the run config, local training, evaluation.
+"""The Flower "task" module: the experiment every node builds from the run config (data, model, splits).
 
 Client and server both call ``experiment(run_config)``; it is cached per process, so the in-process engine
 holds one frozen backbone that the server and every client share (only trainable tensors are swapped), and
@@ -10,8 +10,6 @@ message, and one answering a query stage needs neither (~4 s of imports each).
 
 from __future__ import annotations
 
-import contextlib
-import math
 import shlex
 import sys
 import tomllib
@@ -23,12 +21,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..adapters import inject, trainable_state_dict
 from ..config import Config, config_from_dict, load_config
-from .batches import Encoded, batch, encode_classification, encode_instruction
-from .evaluation import losses
+from ..learning import train as learning
+from ..learning.batches import Encoded, encode_classification, encode_instruction
+from ..learning.evaluation import Evaluator
 from .freezing import factor_groups, num_cores
 
 if TYPE_CHECKING:
@@ -80,6 +78,17 @@ class Experiment:
     @property
     def partitions(self) -> list[np.ndarray]:
         return self.data.partitions
+
+    @cached_property
+    def evaluate(self) -> Evaluator:
+        """``evaluate(model, split)``: the task's metrics of a model on a held-out split."""
+        return Evaluator(self.task, self.tokenizer, self.device, self.config.task.eval_batch_size,
+                         self.config.task.max_new_tokens)
+
+    def train_local(self, data: Encoded, rows: np.ndarray, **step) -> float:
+        """``learning.train.train_local`` on this experiment's model, task kind, federation and device."""
+        return learning.train_local(self.model, data, rows, kind=self.task.kind, federation=self.config.federation,
+                                    device=self.device, **step)
 
     @cached_property
     def train(self) -> Encoded:
@@ -199,60 +208,3 @@ def _site_data(config_toml: str, path: str) -> Encoded:
     if exp.task.kind == "instruction" and exp.task.labelled:  # the responses are the server's label words
         split = split.remove_columns("response").add_column("response", [exp.task.label_words[y] for y in labels])
     return encode(exp.config, exp.task, split, exp.tokenizer)
-
-
-def local_batches(num_examples: int, *, steps: int, epochs: int, batch_size: int,
-                  generator: torch.Generator) -> list[list[int]]:
-    """Index batches for one round: ``epochs`` passes over the data (each example once per pass, the last
-    batch of a pass partial), else ``steps`` full batches over reshuffled passes."""
-    size = min(batch_size, num_examples)
-    if epochs > 0:
-        return [perm[i:i + size] for _ in range(epochs)
-                for perm in [torch.randperm(num_examples, generator=generator).tolist()]
-                for i in range(0, num_examples, size)]
-    order: list[int] = []
-    batches = []
-    while len(batches) < steps:
-        if len(order) < size:
-            order += torch.randperm(num_examples, generator=generator).tolist()
-        batches.append(order[:size])
-        order = order[size:]
-    return batches
-
-
-def train_local(exp: Experiment, data: Encoded, rows: np.ndarray, *, seed: int, lr: float, dp=None,
-                desc: str = "") -> float:
-    """Train the model's currently trainable tensors on ``rows`` of ``data`` with a fresh AdamW; mean loss.
-
-    The one client step of every method, task kind and engine. ``dp`` (a ``privacy.dp.LocalDP``) replaces the
-    batches by Poisson samples and the optimizer by Opacus' DP optimizer; everything else is the same. The
-    caller's global RNG is left as it was (dropout draws from a fork seeded with ``seed``)."""
-    fed, model = exp.config.federation, exp.model
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=fed.weight_decay)
-    generator = torch.Generator().manual_seed(seed)
-    if dp is None:
-        batches = local_batches(len(rows), steps=fed.local_steps, epochs=fed.local_epochs,
-                                batch_size=fed.batch_size, generator=generator)
-    else:
-        batches = dp.batches(len(rows), generator)
-    devices = [exp.device] if exp.device.type == "cuda" else []
-    history = []
-    with torch.random.fork_rng(devices=devices), (dp.attached(model, optimizer) if dp else
-                                                   contextlib.nullcontext(optimizer)) as step_optimizer:
-        torch.manual_seed(seed)  # dropout masks
-        model.train()
-        for indices in tqdm(batches, desc=desc, leave=False, disable=None):
-            if not indices:  # DP-SGD's Poisson sample can be empty: the step is noise only
-                dp.noise_only(step_optimizer)
-                continue
-            inputs, targets = batch(data, rows[indices], exp.device)
-            loss = losses(exp.task.kind, model, inputs, targets).mean()
-            loss.backward()
-            if fed.clip_grad_norm > 0 and dp is None:
-                torch.nn.utils.clip_grad_norm_(trainable, fed.clip_grad_norm)
-            step_optimizer.step()
-            step_optimizer.zero_grad(set_to_none=True)
-            history.append(loss.item())
-    model.eval()
-    return sum(history) / len(history) if history else math.nan

@@ -10,16 +10,25 @@ calibrated once, at the client's first round, for the planned steps (every round
 next round would exceed ``target_epsilon`` (a run extended past its plan, or a fixed ``noise_multiplier`` too
 small) refuses to train, and the run says so.
 
+The client's secrets are its own: the Poisson batches and the Gaussian noise come from two generators seeded
+from the client's operating-system entropy (64 bits each; the noise generator lives on the parameters' device),
+so nothing the server knows (the config seed, the round, the partition) reproduces them. Opacus' ``secure_mode``
+needs torchcsprng, which has no build for this torch, so the streams themselves are pseudo-random (MT19937 on CPU,
+Philox on CUDA) from a secret seed. ``privacy.reproducible_noise = true`` derives both seeds from the run seed
+instead: a seed then reproduces a private run, and the guarantee no longer holds against the server (results.json
+and the run summary say so). The noise multiplier and the steps taken are the client's own record: a server that
+reports more earlier steps (a client whose state was lost) can only raise the epsilon the client accounts.
+
 Hooks are attached for the client's step and removed after it, with every attribute Opacus adds, because the
 in-process engine shares one model between the server and all clients (leftovers silently corrupt the next
-client's per-example gradients). Noise comes from a seeded generator, so a seed reproduces a run; Opacus'
-``secure_mode`` needs torchcsprng, which has no build for this torch, so the noise is pseudo-random.
+client's per-example gradients).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import secrets
 import warnings
 from functools import lru_cache
 
@@ -27,6 +36,7 @@ import torch
 from flwr.app import ConfigRecord
 
 STATE = "fedtt-dp"  # context.state record: this client's noise multiplier and the DP-SGD steps it has taken
+NOISE_SALT = 0x5DEECE66D  # reproducible_noise: the noise seed differs from the sampling seed
 MODULE_ATTRS = ("activations", "max_batch_len", "ft_compute_sample_grad", "autograd_grad_sample_hooks")
 
 
@@ -74,8 +84,9 @@ class LocalDP:
     """One client's DP-SGD for one round."""
 
     def __init__(self, privacy, federation, num_examples: int, rounds: int, prior: tuple[float, int] | None,
-                 noise_seed: int):
-        """``prior``: (noise multiplier, DP-SGD steps) of the client's earlier rounds in this run, if any."""
+                 device: torch.device, seed: int | None = None):
+        """``prior``: (noise multiplier, DP-SGD steps) of the client's earlier rounds in this run, if any;
+        ``seed``: only with ``privacy.reproducible_noise`` (else the OS's entropy seeds the generators)."""
         self.privacy, self.n = privacy, num_examples
         self.batch_size = min(federation.batch_size, num_examples)
         self.sample_rate = self.batch_size / num_examples
@@ -84,14 +95,13 @@ class LocalDP:
         if self.delta >= 1.0 / num_examples:
             raise ValueError(f"privacy.delta = {self.delta:g} is not below 1/n = {1 / num_examples:g} for a client "
                              f"with {num_examples} examples; use a smaller delta (or leave it unset)")
-        if prior is not None:
-            self.sigma, self.prior_steps = prior
-        elif privacy.noise_multiplier is not None:
-            self.sigma, self.prior_steps = privacy.noise_multiplier, 0
-        else:
-            self.sigma, self.prior_steps = calibrated_sigma(privacy.accountant, privacy.target_epsilon, self.delta,
-                                                            self.sample_rate, rounds * self.steps), 0
-        self.noise_seed = noise_seed
+        self.sigma, self.prior_steps = prior if prior is not None else (None, 0)
+        if self.sigma is None:
+            self.sigma = privacy.noise_multiplier if privacy.noise_multiplier is not None else calibrated_sigma(
+                privacy.accountant, privacy.target_epsilon, self.delta, self.sample_rate, rounds * self.steps)
+        sampling, noise = (secrets.randbits(63), secrets.randbits(63)) if seed is None else (seed, seed ^ NOISE_SALT)
+        self.sampling = torch.Generator().manual_seed(sampling)
+        self.noise = torch.Generator(device=device).manual_seed(noise)
         after = self.epsilon(self.prior_steps + self.steps)
         if privacy.target_epsilon is not None and after > privacy.target_epsilon * (1 + 1e-6):
             raise PrivacyBudgetExhausted(
@@ -99,25 +109,24 @@ class LocalDP:
                 f"{privacy.target_epsilon:g} (after {self.prior_steps} DP-SGD steps); the client does not train")
 
     @classmethod
-    def for_round(cls, exp, context, config, num_examples: int, noise_seed: int) -> LocalDP:
-        """The round's DP-SGD: the noise and steps so far are the client's own record, or the server's if that
-        counts more steps (a client whose state was lost with its process, e.g. on ``fedtt run --resume``)."""
-        records = []
-        if STATE in context.state.config_records:
-            own = context.state[STATE]
-            records.append((float(own["sigma"]), int(own["steps"])))
-        if int(config.get("dp-prior-steps", 0)) > 0:
-            records.append((float(config["dp-prior-sigma"]), int(config["dp-prior-steps"])))
-        prior = max(records, key=lambda r: r[1]) if records else None
-        return cls(exp.config.privacy, exp.config.federation, num_examples, exp.config.federation.rounds, prior,
-                   noise_seed)
+    def for_round(cls, privacy, federation, context, num_examples: int, server_steps: int, device: torch.device,
+                  seed: int) -> LocalDP:
+        """The round's DP-SGD from the client's own record (noise multiplier, steps so far). ``server_steps``, the
+        server's count of this client's earlier steps, is used only where it is larger (the client lost its
+        state): it can raise the accounted epsilon, never lower it, and never sets the noise."""
+        own = context.state[STATE] if STATE in context.state.config_records else None
+        steps = max(int(own["steps"]) if own else 0, server_steps)
+        sigma = float(own["sigma"]) if own else None
+        prior = None if sigma is None and steps == 0 else (sigma, steps)
+        return cls(privacy, federation, num_examples, federation.rounds, prior, device,
+                   seed if privacy.reproducible_noise else None)
 
     def epsilon(self, steps: int) -> float:
         return epsilon(self.privacy.accountant, self.sigma, self.sample_rate, steps, self.delta)
 
-    def batches(self, num_examples: int, generator: torch.Generator) -> list[list[int]]:
+    def batches(self, num_examples: int) -> list[list[int]]:
         """Poisson sampling: each example is in each step's batch independently with probability q."""
-        return [(torch.rand(num_examples, generator=generator) < self.sample_rate).nonzero().reshape(-1).tolist()
+        return [(torch.rand(num_examples, generator=self.sampling) < self.sample_rate).nonzero().reshape(-1).tolist()
                 for _ in range(self.steps)]
 
     @contextlib.contextmanager
@@ -133,7 +142,7 @@ class LocalDP:
             try:
                 yield DPOptimizer(optimizer, noise_multiplier=self.sigma, max_grad_norm=self.privacy.max_grad_norm,
                                   expected_batch_size=self.batch_size, loss_reduction="mean",
-                                  generator=torch.Generator().manual_seed(self.noise_seed))
+                                  generator=self.noise)
             finally:
                 _detach(wrapped)
 

@@ -55,50 +55,59 @@ def normalise(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-@torch.no_grad()
-def evaluate(exp, data: Encoded) -> dict[str, float]:
-    model = exp.model.eval()
-    if exp.task.kind == "classification":
-        return _classification(exp, model, data)
-    return _instruction(exp, model, data)
+@dataclass
+class Evaluator:
+    """What evaluating a model on a held-out split needs besides the model: the task, its tokenizer, the device
+    and the task config's batch size and generation length."""
 
+    task: object  # data.TaskData
+    tokenizer: object
+    device: torch.device
+    batch_size: int
+    max_new_tokens: int
 
-def _classification(exp, model, data: Encoded) -> dict[str, float]:
-    loss_sum, predictions = 0.0, []
-    batches = _by_length(data.input_ids, exp.config.task.eval_batch_size)
-    for rows in batches:
-        inputs, targets = batch(data, rows, exp.device)
-        logits = model(**inputs).logits.float()
-        loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
-        predictions += logits.argmax(-1).tolist()
-    metrics = _label_metrics(_in_row_order(batches, predictions), data.labels, len(exp.task.label_names))
-    return {**metrics, "loss": loss_sum / len(data)}
+    @torch.no_grad()
+    def __call__(self, model, data: Encoded) -> dict[str, float]:
+        model = model.eval()
+        if self.task.kind == "classification":
+            return self._classification(model, data)
+        return self._instruction(model, data)
 
+    def _classification(self, model, data: Encoded) -> dict[str, float]:
+        loss_sum, predictions = 0.0, []
+        batches = _by_length(data.input_ids, self.batch_size)
+        for rows in batches:
+            inputs, targets = batch(data, rows, self.device)
+            logits = model(**inputs).logits.float()
+            loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
+            predictions += logits.argmax(-1).tolist()
+        metrics = _label_metrics(_in_row_order(batches, predictions), data.labels, len(self.task.label_names))
+        return {**metrics, "loss": loss_sum / len(data)}
 
-def _instruction(exp, model, data: Encoded) -> dict[str, float]:
-    prompts = [ids[:start] for ids, start in zip(data.input_ids, data.response_start)]
-    responses = [ids[start:] for ids, start in zip(data.input_ids, data.response_start)]
-    words = exp.task.label_words if exp.task.labelled else []
-    answers = answer(model, exp.tokenizer, prompts, exp.device, exp.config.task.eval_batch_size,
-                     exp.config.task.max_new_tokens, responses, words)
-    counts = [len(r) for r in responses]
-    metrics = {"loss": sum(v / max(c, 1) for v, c in zip(answers.response_nll, counts)) / len(data),
-               "perplexity": math.exp(min(sum(answers.response_nll) / max(sum(counts), 1), 50.0))}
-    generated = answers.generated
-    if exp.task.labelled:
-        normalised = [normalise(w) for w in words]
-        exact = [normalised.index(normalise(g)) if normalise(g) in normalised else -1 for g in generated]
-        metrics["accuracy"] = sum(p == y for p, y in zip(exact, data.labels)) / len(data)
-        likely = [max(range(len(words)), key=row.__getitem__) for row in answers.label_scores]
-        metrics.update({f"label_{k}": v for k, v in _label_metrics(likely, data.labels, len(words)).items()})
-    else:
-        from rouge_score import rouge_scorer  # imported here: only open-ended tasks need it
+    def _instruction(self, model, data: Encoded) -> dict[str, float]:
+        prompts = [ids[:start] for ids, start in zip(data.input_ids, data.response_start)]
+        responses = [ids[start:] for ids, start in zip(data.input_ids, data.response_start)]
+        words = self.task.label_words if self.task.labelled else []
+        answers = answer(model, self.tokenizer, prompts, self.device, self.batch_size,
+                         self.max_new_tokens, responses, words)
+        counts = [len(r) for r in responses]
+        metrics = {"loss": sum(v / max(c, 1) for v, c in zip(answers.response_nll, counts)) / len(data),
+                   "perplexity": math.exp(min(sum(answers.response_nll) / max(sum(counts), 1), 50.0))}
+        generated = answers.generated
+        if self.task.labelled:
+            normalised = [normalise(w) for w in words]
+            exact = [normalised.index(normalise(g)) if normalise(g) in normalised else -1 for g in generated]
+            metrics["accuracy"] = sum(p == y for p, y in zip(exact, data.labels)) / len(data)
+            likely = [max(range(len(words)), key=row.__getitem__) for row in answers.label_scores]
+            metrics.update({f"label_{k}": v for k, v in _label_metrics(likely, data.labels, len(words)).items()})
+        else:
+            from rouge_score import rouge_scorer  # imported here: only open-ended tasks need it
 
-        scorer = rouge_scorer.RougeScorer(["rougeL"])
-        references = [exp.tokenizer.decode(r, skip_special_tokens=True) for r in responses]
-        scores = [scorer.score(r, g)["rougeL"].fmeasure for r, g in zip(references, generated)]
-        metrics["rougeL"] = sum(scores) / len(data)
-    return metrics
+            scorer = rouge_scorer.RougeScorer(["rougeL"])
+            references = [self.tokenizer.decode(r, skip_special_tokens=True) for r in responses]
+            scores = [scorer.score(r, g)["rougeL"].fmeasure for r, g in zip(references, generated)]
+            metrics["rougeL"] = sum(scores) / len(data)
+        return metrics
 
 
 @dataclass
