@@ -35,6 +35,7 @@ import fedtt
 from fedtt.config import FreezingConfig, load_config
 from fedtt.federated.codec import pack
 from fedtt.federated.freezing import FreezingPolicy, factor_groups, num_cores, round_keys
+from fedtt.frontier import SIZES as FRONTIER_SIZES
 
 GEOMETRIES = {
     "BERT-base": (BertForSequenceClassification, BertConfig(num_labels=2)),
@@ -46,10 +47,11 @@ GEOMETRIES = {
         hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40, vocab_size=32000)),
 }
 SWEPT = ("RoBERTa-large", "LLaMA-2-7B")
-# method -> (label, the adapter.rank values swept there; elsewhere the method's default). (IA)^3 has no size.
-SIZES = {"lora": ("LoRA q,v", [1, 2, 4, 8, 16]), "ffa-lora": ("FFA-LoRA q,v", [1, 2, 4, 8, 16]),
-         "fedtt": ("FedTT, cores", [2, 3, 5, 8]), "vera": ("VeRA q,v", [256, 1024]), "ia3": ("(IA)^3", [None]),
-         "fed-sb": ("Fed-SB q,v", [8, 32, 128])}
+LABELS = {"lora": "LoRA q,v", "ffa-lora": "FFA-LoRA q,v", "fedtt": "FedTT, cores", "vera": "VeRA q,v",
+          "ia3": "(IA)^3", "fed-sb": "Fed-SB q,v"}
+# method -> (label, the adapter.rank values swept there: `fedtt frontier`'s; elsewhere the method's default).
+# (IA)^3 has no size.
+SIZES = {method: (label, list(FRONTIER_SIZES[method][1])) for method, label in LABELS.items()}
 
 
 def model_with(cls, geometry, method: str, **options):

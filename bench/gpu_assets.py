@@ -4,10 +4,10 @@
 
 That machine's image has Python 3.12, CUDA PyTorch, transformers (another version than fedtt pins), peft,
 safetensors, tokenizers, numpy, scipy, pandas, pyarrow, grpcio, but not flwr, opacus, pydantic, gguf or the
-bundled model and data packages, and a device call carries the working tree plus at most 64 MiB in all. So:
+bundled model and data packages, and a device call carries at most 64 MiB (working tree included). So:
 
-- ``wheels/``: CPython 3.12 manylinux x86_64 wheels of what fedtt imports there and the image lacks, plus the
-  project's pins of transformers and peft, at this checkout's venv versions (the tested combination). Never
+- ``wheels/``: CPython 3.12 manylinux x86_64 wheels of what fedtt imports there and the image lacks or may have
+  at a version that does not do (see WHEELS), at this checkout's venv versions (the tested combination). Never
   torch. Installed there with ``pip install --no-index --no-deps --target``: nothing in the image changes and pip
   never tries to resolve torch. rouge-score (open-ended tasks only) is left out: it has no wheel.
 - ``site/``: stand-ins for the bundled packages, holding only the files fedtt reads from them (it locates them
@@ -28,12 +28,14 @@ import shutil
 import subprocess
 import sys
 
-# Imported by a federated run, the tests' CUDA selection or adapter_step.py, and missing from the GPU image (or,
-# for transformers, peft, protobuf, typer and typing-extensions, there at versions flwr / fedtt / pydantic reject).
+# Imported by a federated run, the tests' CUDA selection or adapter_step.py, and missing from the GPU image, or
+# there at a version that may not do: transformers and peft (fedtt's pins), grpcio and protobuf (Flower's generated
+# code refuses older runtimes at import), regex (transformers checks its version at import), typer and
+# typing-extensions (flwr's and pydantic's lower bounds).
 WHEELS = ("flwr", "flwr-datasets", "datasets", "dill", "multiprocess", "fsspec", "opacus", "pydantic",
           "pydantic-core", "annotated-types", "typing-inspection", "typing-extensions", "gguf", "tomli-w",
-          "cryptography", "cffi", "pycryptodome", "iterators", "grpcio-health-checking", "protobuf", "typer",
-          "transformers", "peft")
+          "cryptography", "cffi", "pycryptodome", "iterators", "grpcio", "grpcio-health-checking", "protobuf",
+          "regex", "typer", "transformers", "peft")
 PLATFORMS = ("manylinux_2_34_x86_64", "manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 LAYERS = 2  # tests/test_decoder.py truncates SmolLM2 to 2 layers
 LIMIT = 64 * 2**20

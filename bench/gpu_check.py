@@ -8,7 +8,7 @@ $OUT, else runs/gpu-check), the logs and every run's results.json in DIR/logs.ta
 
 1. tests: ``pytest -k cuda`` over the test files that mention CUDA, with FEDTT_REQUIRE_CUDA=1 so that a CUDA test
    fails rather than skips without a GPU; any skip fails the step.
-2. federated: ``fedtt compare`` (the public CLI) of fedtt, fedtt+, lora and ffa-lora on SmolLM2 (its first two
+2. federated: ``fedtt run`` (the public CLI) of fedtt, fedtt+, lora and ffa-lora on SmolLM2 (its first two
    layers, real weights) instruction-tuned on templated TREC, 3 clients, 2 rounds, in bfloat16 and float32 on the
    GPU, and the same with DP-SGD and with SecAgg+ (fedtt and lora, bfloat16); each against the same config in
    float32 on the CPU of the same machine (run alongside, CUDA hidden). Compared: the held-out (validation)
@@ -46,17 +46,18 @@ TASK = ["model.name='smollm2'", "model.num_hidden_layers=2", "model.max_length=6
         "federation.partition='iid'", "federation.lr_schedule='constant'", "seed=0"]
 SIZES = {False: ["task.max_eval_examples=48", "task.eval_batch_size=48", "federation.local_steps=5",
                  "federation.batch_size=8"],
-         True: ["task.max_eval_examples=8", "task.eval_batch_size=8", "federation.local_steps=2",
-                "federation.batch_size=4"]}
-# setting -> (overrides, methods)
+         True: ["task.max_eval_examples=4", "task.eval_batch_size=4", "federation.local_steps=2",
+                "federation.batch_size=2"]}
+# setting -> (overrides, methods; the dry run takes the first method only for DP and SecAgg)
 SETTINGS = {"plain": ([], METHODS),
             "dp": (["privacy.dp=true", "privacy.target_epsilon=8.0"], ("fedtt", "lora")),
-            "secagg": (["privacy.secure_aggregation=true", "federation.min_replies=2"], ("fedtt", "lora"))}
+            "secagg": (["privacy.secure_aggregation=true", "federation.min_replies=3"], ("fedtt", "lora"))}
 # Largest relative difference of a held-out loss from the CPU float32 run's. float32: summation order only.
-# bfloat16 keeps 8 significant bits (relative rounding 2**-9): logits of ~20 move by ~0.05, and the few training
-# steps amplify it. DP: the GPU draws other noise than the CPU (Philox, not MT19937) from the client's own entropy,
-# so only the loss level is comparable.
-TOLERANCE = {"float32": 0.01, "bfloat16": 0.05, "dp": 0.15}
+# bfloat16 (8 significant bits): bf16 on the CPU (dry run) differs by at most 3e-3 before and after training, which
+# lowers the loss by 3-21% (FedTT+, one factor group a round: 0.7%), so 0.02 passes rounding and fails a broken
+# update. DP: clients draw their noise from their own entropy (and the GPU with Philox, not MT19937), so runs agree
+# only up to the noise's effect.
+TOLERANCE = {"float32": 0.01, "bfloat16": 0.02, "dp": 0.05}
 LLAMA2_7B = {"hidden": 4096, "ffn": 11008, "vocab": 32000, "layers": 32}
 
 
@@ -79,8 +80,14 @@ def tail(log: pathlib.Path, lines: int = 15) -> str:
 def environment(dry: bool) -> dict:
     import torch
 
+    def version(name: str) -> str:  # a missing package is reported, not fatal: the steps' logs say what broke
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return "MISSING"
+
     env = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-           "cpus": os.cpu_count(), **{name: importlib.metadata.version(name) for name in
+           "cpus": os.cpu_count(), **{name: version(name) for name in
                                       ("transformers", "peft", "flwr", "opacus", "pydantic", "tokenizers")}}
     if torch.cuda.is_available():
         free, total = torch.cuda.mem_get_info()
@@ -110,71 +117,67 @@ def tests(work: pathlib.Path, dry: bool) -> dict:
 
 
 def federated(work: pathlib.Path, dry: bool) -> dict:
-    """Every (setting, device, dtype) as one ``fedtt compare`` process; CPU ones alongside the GPU ones."""
+    """Every (setting, run, method) as one ``fedtt run`` process; CPU ones alongside the GPU ones."""
     device = "cpu" if dry else "cuda"
-    variants = {"reference": ("cpu", "float32"), "bfloat16": (device, "bfloat16")}
     jobs = []
     for setting, (overrides, methods) in SETTINGS.items():
-        for name, (dev, dtype) in {**variants, **({} if dry or setting != "plain" else
-                                                   {"float32": (device, "float32")})}.items():
-            jobs.append((setting, name, dev, dtype, methods, overrides))
+        variants = [("reference", "cpu", "float32"), ("bfloat16", device, "bfloat16")]  # named by their dtype
+        if setting == "plain" and not dry:
+            variants.append(("float32", device, "float32"))
+        jobs += [{"setting": setting, "variant": name, "device": dev, "dtype": dtype, "method": method,
+                  "overrides": overrides} for name, dev, dtype in variants
+                 for method in (methods[:1] if dry and setting != "plain" else methods)]
 
-    def launch(job):
-        setting, name, dev, dtype, methods, overrides = job
-        out = work / "federated" / f"{setting}-{name}"
-        sets = [*TASK, *SIZES[dry], *overrides, f"model.device='{dev}'", f"model.dtype='{dtype}'"]
-        argv = [sys.executable, "-c", "import sys; from fedtt.cli import main; sys.exit(main())", "compare",
-                "--methods", ",".join(methods), "--seeds", "0", "--out", str(out), "--overwrite",
-                *[a for s in sets for a in ("--set", s)]]
+    def launch(job: dict) -> dict:
+        name = f"{job['setting']}-{job['variant']}-{job['method'].replace('+', 'plus')}"
+        out, log = work / "federated" / name, work / f"federated-{name}.log"
+        sets = [*TASK, *SIZES[dry], *job["overrides"], f"method='{job['method']}'", f"model.device='{job['device']}'",
+                f"model.dtype='{job['dtype']}'"]
+        argv = [sys.executable, "-c", "import sys; from fedtt.cli import main; sys.exit(main())", "run",
+                "--out", str(out), "--overwrite", *[a for s in sets for a in ("--set", s)]]
         # CPU runs share the machine's cores and never touch the GPU (no CUDA context, no contention).
         env = {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 4) // 4))} \
-            if dev == "cpu" and not dry else {}
-        out.mkdir(parents=True, exist_ok=True)
-        rc, seconds = sh(argv, work / f"federated-{setting}-{name}.log", 420, env)
-        results = {}
-        for method in methods:
-            path = out / method.replace("+", "plus") / "results.json"
-            if path.is_file():
-                results[method] = json.loads(path.read_text())
-        return job, rc, seconds, results
+            if job["device"] == "cpu" and not dry else {}
+        rc, seconds = sh(argv, log, 1800 if dry else 300, env)
+        path = out / "results.json"
+        return {**job, "rc": rc, "seconds": seconds, "log": log,
+                "results": json.loads(path.read_text()) if rc == 0 and path.is_file() else None}
 
     if dry:  # one torch job at a time on a small machine
         done = [launch(job) for job in jobs]
-    else:
-        with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
-            cpu = [pool.submit(launch, job) for job in jobs if job[2] == "cpu"]
-            done = [launch(job) for job in jobs if job[2] != "cpu"] + [f.result() for f in cpu]
-    outcome = {(job[0], job[1]): (rc, seconds, results) for job, rc, seconds, results in done}
-    rows, failures = [], []
-    for (setting, name), (rc, _, results) in outcome.items():
-        if rc != 0:
-            failures.append(f"{setting} {name}: exit {rc}: " + tail(work / f"federated-{setting}-{name}.log", 8))
-        if name == "reference":
+    else:  # three CPU runs (a quarter of the cores each) and two GPU runs at a time
+        with concurrent.futures.ThreadPoolExecutor(3) as cpu, concurrent.futures.ThreadPoolExecutor(2) as gpu:
+            done = [f.result() for f in [(cpu if job["device"] == "cpu" else gpu).submit(launch, job)
+                                         for job in jobs]]
+    references = {(j["setting"], j["method"]): j["results"] for j in done if j["variant"] == "reference"}
+    rows = []
+    failures = [f"{j['setting']} {j['variant']} {j['method']}: exit {j['rc']}: {tail(j['log'], 8)}"
+                for j in done if j["rc"]]
+    for job in done:
+        if job["variant"] == "reference":
             continue
-        reference = outcome[(setting, "reference")][2]
-        tolerance = TOLERANCE["dp" if setting == "dp" else name]  # variants are named by their dtype
-        for method in SETTINGS[setting][1]:
-            if method not in results or method not in reference:
-                rows.append({"setting": setting, "variant": name, "method": method, "ok": False,
-                             "error": "no results"})
-                continue
-            row = {"setting": setting, "variant": name, "method": method, "tolerance": tolerance,
-                   "seconds": results[method]["wall_seconds"], "reference_seconds": reference[method]["wall_seconds"]}
-            for when, get in (("initial", lambda r: r["initial"]["validation"]["loss"]),
-                              ("final", lambda r: r["rounds"][-1]["validation"]["loss"])):
-                got, ref = get(results[method]), get(reference[method])
-                row[when] = {"loss": got, "reference": ref, "rel_diff": abs(got - ref) / abs(ref)}
-            row["ok"] = all(math.isfinite(row[w]["loss"]) and row[w]["rel_diff"] <= tolerance
-                            for w in ("initial", "final"))
-            if setting == "dp":
-                eps, ref_eps = results[method]["privacy"]["epsilon"], reference[method]["privacy"]["epsilon"]
-                row["epsilon_max"] = max(eps.values())
-                row["ok"] &= eps.keys() == ref_eps.keys() and all(math.isclose(eps[k], ref_eps[k], rel_tol=1e-6)
-                                                                   for k in eps)
-            rows.append(row)
+        setting, method, got = job["setting"], job["method"], job["results"]
+        ref = references[(setting, method)]
+        row = {"setting": setting, "variant": job["variant"], "method": method,
+               "tolerance": TOLERANCE["dp" if setting == "dp" else job["variant"]]}
+        if got is None or ref is None:
+            rows.append({**row, "ok": False, "error": "no results"})
+            continue
+        row |= {"seconds": got["wall_seconds"], "reference_seconds": ref["wall_seconds"]}
+        for when, loss in (("initial", lambda r: r["initial"]["validation"]["loss"]),
+                           ("final", lambda r: r["rounds"][-1]["validation"]["loss"])):
+            row[when] = {"loss": loss(got), "reference": loss(ref),
+                         "rel_diff": abs(loss(got) - loss(ref)) / abs(loss(ref))}
+        row["ok"] = all(math.isfinite(row[w]["loss"]) and row[w]["rel_diff"] <= row["tolerance"]
+                        for w in ("initial", "final"))
+        if setting == "dp":
+            eps, ref_eps = got["privacy"]["epsilon"], ref["privacy"]["epsilon"]
+            row["epsilon_max"] = max(eps.values())
+            row["ok"] &= eps.keys() == ref_eps.keys() and all(math.isclose(eps[k], ref_eps[k], rel_tol=1e-6)
+                                                               for k in eps)
+        rows.append(row)
     return {"ok": not failures and all(r["ok"] for r in rows), "rows": rows, "failures": failures,
-            "processes": [{"setting": s, "variant": n, "rc": rc, "seconds": sec}
-                          for (s, n), (rc, sec, _) in outcome.items()]}
+            "processes": [{k: j[k] for k in ("setting", "variant", "method", "rc", "seconds")} for j in done]}
 
 
 def llama2_layers() -> int:

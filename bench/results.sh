@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Regenerates docs/results.md: every table there is printed by the `fedtt compare` / `fedtt tune` command
 # written above it. Every method runs with its own defaults (src/fedtt/defaults.py, chosen by the `tune`
-# sections on validation), the same data, splits, budget and seeds; tables give the test metric at the
-# validation-selected round and at the final round, mean +- std over the seeds.
+# sections on validation; --no-tune: these tables predate compare's default search), the same data, splits,
+# budget and seeds; tables give the test metric at the validation-selected round and at the final round, mean
+# +- std over the seeds.
 # Usage: bash bench/results.sh [SECTION ... | --doc-only]   (default: every section; hours on 2 cores)
 # Run sections one at a time: two torch jobs on 2 cores are several times slower than one after the other.
 # A section that was killed continues where it stopped (finished runs are reused); FRESH=1 starts it over.
@@ -26,31 +27,31 @@ ARGS[tune-default]="tune --seeds 0,1 --methods fedtt --grid federation.lr=3e-3,1
 TITLE[tune-default-lora]="Choosing the package defaults: LoRA and FFA-LoRA schedule at their learning rates for \`fedtt run\` with no config (as above), validation only, chosen at the final round"
 ARGS[tune-default-lora]="tune --seeds 0,1 --methods lora,ffa-lora --grid federation.lr_schedule=constant,cosine --by final"
 TITLE[rt-dir0.5]="Rotten Tomatoes, 3 clients, Dirichlet alpha = 0.5"
-ARGS[rt-dir0.5]="compare --config configs/demo.toml --quick --seeds 0,1,2 --methods $MAIN"
+ARGS[rt-dir0.5]="compare --no-tune --config configs/demo.toml --quick --seeds 0,1,2 --methods $MAIN"
 TITLE[rt-dir0.1]="Rotten Tomatoes, 3 clients, Dirichlet alpha = 0.1"
-ARGS[rt-dir0.1]="compare --config configs/demo.toml --quick --seeds 0,1,2 --methods $FEDERATED --set federation.alpha=0.1"
+ARGS[rt-dir0.1]="compare --no-tune --config configs/demo.toml --quick --seeds 0,1,2 --methods $FEDERATED --set federation.alpha=0.1"
 TITLE[rt-iid]="Rotten Tomatoes, 3 clients, IID"
-ARGS[rt-iid]="compare --config configs/demo.toml --quick --seeds 0,1,2 --methods $FEDERATED --set federation.partition=iid"
+ARGS[rt-iid]="compare --no-tune --config configs/demo.toml --quick --seeds 0,1,2 --methods $FEDERATED --set federation.partition=iid"
 TITLE[rt-skew]="Rotten Tomatoes, 3 clients, label skew [[.15,.85],[.85,.15],[.5,.5]]"
-ARGS[rt-skew]="compare --config configs/cross_silo.toml --quick --seeds 0,1,2 --methods $FEDERATED"
+ARGS[rt-skew]="compare --no-tune --config configs/cross_silo.toml --quick --seeds 0,1,2 --methods $FEDERATED"
 TITLE[trec-dir0.5]="TREC (6 classes), 3 clients, Dirichlet alpha = 0.5"
-ARGS[trec-dir0.5]="compare --config configs/demo.toml --quick --seeds 0,1,2 --methods $ALL --set task.name=trec"
+ARGS[trec-dir0.5]="compare --no-tune --config configs/demo.toml --quick --seeds 0,1,2 --methods $ALL --set task.name=trec"
 TITLE[rt-xdev]="Cross-device: Rotten Tomatoes, 100 clients, 10 per round, Dirichlet alpha = 1.0, 10 rounds"
-ARGS[rt-xdev]="compare --config configs/cross_device.toml --quick --seeds 0,1,2 --methods fedtt,lora,ffa-lora --set federation.num_clients=100 --set federation.rounds=10"
+ARGS[rt-xdev]="compare --no-tune --config configs/cross_device.toml --quick --seeds 0,1,2 --methods fedtt,lora,ffa-lora --set federation.num_clients=100 --set federation.rounds=10"
 TITLE[rt-dir0.5-long]="Rotten Tomatoes, 3 clients, Dirichlet alpha = 0.5, 15 rounds"
-ARGS[rt-dir0.5-long]="compare --config configs/demo.toml --quick --seeds 0,1,2 --methods $MAIN --set federation.rounds=15"
+ARGS[rt-dir0.5-long]="compare --no-tune --config configs/demo.toml --quick --seeds 0,1,2 --methods $MAIN --set federation.rounds=15"
 TITLE[rt-dir0.1-long]="Rotten Tomatoes, 3 clients, Dirichlet alpha = 0.1, 15 rounds"
-ARGS[rt-dir0.1-long]="compare --config configs/demo.toml --quick --seeds 0,1,2 --methods fedtt+,lora --set federation.rounds=15 --set federation.alpha=0.1"
+ARGS[rt-dir0.1-long]="compare --no-tune --config configs/demo.toml --quick --seeds 0,1,2 --methods fedtt+,lora --set federation.rounds=15 --set federation.alpha=0.1"
 TITLE[trec-dir0.5-long]="TREC (6 classes), 3 clients, Dirichlet alpha = 0.5, 15 rounds"
-ARGS[trec-dir0.5-long]="compare --config configs/demo.toml --quick --seeds 0,1,2 --methods $MAIN --set federation.rounds=15 --set task.name=trec"
+ARGS[trec-dir0.5-long]="compare --no-tune --config configs/demo.toml --quick --seeds 0,1,2 --methods $MAIN --set federation.rounds=15 --set task.name=trec"
 TITLE[init]="Ablation: LoRETTA's random init instead of the identity init (Rotten Tomatoes, Dirichlet 0.5)"
-ARGS[init]="compare --config configs/demo.toml --quick --seeds 0,1,2 --methods fedtt --set adapter.init=loretta"
+ARGS[init]="compare --no-tune --config configs/demo.toml --quick --seeds 0,1,2 --methods fedtt --set adapter.init=loretta"
 TITLE[norms]="Controlled extras: every method also trains the LayerNorms (Rotten Tomatoes, Dirichlet 0.5)"
-ARGS[norms]="compare --config configs/demo.toml --quick --seeds 0,1,2 --methods $MAIN --set adapter.train_norms=true"
+ARGS[norms]="compare --no-tune --config configs/demo.toml --quick --seeds 0,1,2 --methods $MAIN --set adapter.train_norms=true"
 TITLE[optimizer]="Ablation: warm-up 1 round, linear decay, gradient clipping 1.0 (Rotten Tomatoes, Dirichlet 0.5)"
-ARGS[optimizer]="compare --config configs/demo.toml --quick --seeds 0,1,2 --methods fedtt,lora --set federation.warmup_rounds=1 --set federation.lr_schedule=linear --set federation.clip_grad_norm=1.0"
+ARGS[optimizer]="compare --no-tune --config configs/demo.toml --quick --seeds 0,1,2 --methods fedtt,lora --set federation.warmup_rounds=1 --set federation.lr_schedule=linear --set federation.clip_grad_norm=1.0"
 TITLE[head]="Ablation: the tensorized head (a TT layer beside the pooler; Rotten Tomatoes, Dirichlet 0.5)"
-ARGS[head]="compare --config configs/demo.toml --quick --seeds 0,1,2 --methods fedtt,fedtt+ --set adapter.head=tensorized"
+ARGS[head]="compare --no-tune --config configs/demo.toml --quick --seeds 0,1,2 --methods fedtt,fedtt+ --set adapter.head=tensorized"
 # DP runs have the non-private runs' budget (batch 16 x 20 steps, 5 rounds) and each method's own defaults: the
 # only difference is per-example clipping and noise. tune-dp asks whether another learning rate suits DP better
 # (validation at epsilon 3, the same grid for every method); the dp-eps sections do not read its choice.
@@ -59,14 +60,14 @@ TITLE[tune-dp]="Choosing the DP learning rate of every method at epsilon = 3, Ro
 ARGS[tune-dp]="tune --config configs/demo.toml --quick --seeds 0,1 --methods $MAIN $DP --set privacy.target_epsilon=3 --grid federation.lr=1e-3,3e-3,1e-2"
 for eps in 8 3 1; do
   TITLE[dp-eps$eps]="Local DP-SGD, epsilon = $eps per client for the whole run (delta 1e-5, clipping 1.0; Rotten Tomatoes, Dirichlet 0.5)"
-  ARGS[dp-eps$eps]="compare --config configs/demo.toml --quick --seeds 0,1,2 --methods $MAIN $DP --set privacy.target_epsilon=$eps"
+  ARGS[dp-eps$eps]="compare --no-tune --config configs/demo.toml --quick --seeds 0,1,2 --methods $MAIN $DP --set privacy.target_epsilon=$eps"
 done
 for dtype in float16 bfloat16; do
   TITLE[wire-$dtype]="Half precision on the wire: federation.wire_dtype = $dtype, both directions (Rotten Tomatoes, Dirichlet 0.5)"
-  ARGS[wire-$dtype]="compare --config configs/demo.toml --quick --seeds 0 --methods fedtt --set federation.wire_dtype=$dtype"
+  ARGS[wire-$dtype]="compare --no-tune --config configs/demo.toml --quick --seeds 0 --methods fedtt --set federation.wire_dtype=$dtype"
 done
 TITLE[smollm2-trec]="Decoder: SmolLM2-135M instruction tuning on templated TREC, 3 clients, Dirichlet 0.5"
-SMOLLM2="compare --config configs/smollm2_instruct.toml --seeds 0,1,2 --methods $MAIN --set task.max_eval_examples=100 --set task.eval_batch_size=32"  # 7-9 min a run: 1.7 h a task
+SMOLLM2="compare --no-tune --config configs/smollm2_instruct.toml --seeds 0,1,2 --methods $MAIN --set task.max_eval_examples=100 --set task.eval_batch_size=32"  # 7-9 min a run: 1.7 h a task
 ARGS[smollm2-trec]="$SMOLLM2"
 TITLE[smollm2-sms]="Decoder: SmolLM2-135M instruction tuning on templated SMS spam, 3 clients, Dirichlet 0.5"
 ARGS[smollm2-sms]="$SMOLLM2 --set task.name=sms_spam"

@@ -14,8 +14,8 @@ TINY = ["model.num_hidden_layers=2", "model.max_length=32", "federation.rounds=1
 
 
 def test_compare_quick_over_two_seeds_writes_mean_and_std(tmp_path, capsys):
-    argv = ["compare", "--quick", "--seeds", "0,1", "--methods", "fedtt,lora,fedtt+:cyclic,centralized:lora",
-            "--out", str(tmp_path)] + [a for o in TINY for a in ("--set", o)]
+    argv = ["compare", "--quick", "--no-tune", "--seeds", "0,1", "--out", str(tmp_path),
+            "--methods", "fedtt,lora,fedtt+:cyclic,centralized:lora"] + [a for o in TINY for a in ("--set", o)]
     assert main(argv) == 0
     rows = {row["method"]: row for row in csv.DictReader((tmp_path / "comparison.csv").open())}
     assert set(rows) == {"fedtt", "lora", "fedtt+:cyclic", "centralized:lora"}
@@ -107,7 +107,8 @@ def test_method_specs():
     assert "method=lora" in method_overrides("centralized:lora", 3, 20)
     with pytest.raises(ValueError, match="policies go with fedtt\\+ only"):
         method_overrides("lora:cyclic", 3, 20)
-    with pytest.raises(ValueError, match="centralized runs fedtt, lora or ffa-lora"):
+    assert "method=fed-sb" in method_overrides("centralized:fed-sb", 3, 20)
+    with pytest.raises(ValueError, match="centralized runs one of fedtt, lora, ffa-lora, vera, ia3, fed-sb"):
         method_overrides("centralized:fedtt+", 3, 20)
     assert parse_grid(["federation.lr=1e-3, 3e-3", "adapter.rank=2"]) == {"federation.lr": ["1e-3", "3e-3"],
                                                                         "adapter.rank": ["2"]}

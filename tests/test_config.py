@@ -9,8 +9,9 @@ import typing
 import pytest
 from pydantic import BaseModel
 
+from fedtt.adapters.peft_methods import per_example_gradients
 from fedtt.cli import main
-from fedtt.config import Config, load_config
+from fedtt.config import METHODS, Config, adapter_method, load_config
 from fedtt.defaults import METHOD_DEFAULTS
 
 SECTIONS = ("model", "task", "adapter", "federation", "freezing", "privacy")
@@ -152,7 +153,7 @@ def test_every_invalid_config_is_a_one_line_error_naming_the_key_and_nothing_is_
 
 
 def random_valid_config(rng: random.Random) -> list[str]:
-    method = rng.choice(["fedtt", "fedtt+", "lora", "ffa-lora"])
+    method = rng.choice(METHODS)
     clients = rng.randint(3, 12)
     overrides = [f"method='{method}'", f"seed={rng.randint(0, 99)}", f"federation.num_clients={clients}",
                  f"federation.rounds={rng.randint(2, 20)}", f"federation.batch_size={rng.randint(1, 64)}",
@@ -165,7 +166,7 @@ def random_valid_config(rng: random.Random) -> list[str]:
                  f"freezing.cores=[{rng.randint(-5, 4)}]", f"freezing.threshold={rng.uniform(-1, 1):.3f}"]
     if method != "fedtt+" and rng.random() < 0.5:
         overrides.append(f"federation.clients_per_round={rng.randint(0, clients)}")
-    if rng.random() < 0.3:
+    if per_example_gradients(adapter_method(method)) and rng.random() < 0.3:  # DP-SGD refuses the others
         overrides += ["privacy.dp=true", f"privacy.target_epsilon={rng.choice([1, 3.0, 8])}"]
     if rng.random() < 0.3:
         overrides += ["privacy.secure_aggregation=true", "federation.min_replies=3", "federation.clients_per_round=0"]

@@ -31,8 +31,8 @@ from fedtt.engines.deployment import (
     LocalDeployment,
     _executable,
     _signal_pid,
-    write_site_files,
 )
+from fedtt.engines.sites import write_site_files
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.toml"
@@ -273,6 +273,7 @@ class FakeGrid:
 
         replies = []
         for m in messages:
+            m.metadata.__dict__["_message_id"] = f"p{m.metadata.dst_node_id}"  # as a grid does when it pushes
             reply = Message(RecordDict({"metrics": MetricRecord({"partition-id": m.metadata.dst_node_id - 11,
                                                                  "num-examples": 10})}), reply_to=m)
             reply.metadata.__dict__["_src_node_id"] = m.metadata.dst_node_id

@@ -1,6 +1,7 @@
-"""The GPU path: what must work on CUDA, and on the CPU what can be shown there of the bugs the GPU check found.
+"""The GPU path: what must work on CUDA, and on the CPU what can be shown there of the GPU bugs found so far.
 
-CUDA tests skip without a GPU, except under FEDTT_REQUIRE_CUDA=1 (bench/gpu_check.sh sets it), where they fail.
+Device tests run on the CPU and on CUDA (ids ending in ``cuda``: ``pytest -k cuda``); the CUDA ones skip without
+a GPU, except under FEDTT_REQUIRE_CUDA=1 (bench/gpu_check.sh sets it), where they fail.
 """
 
 import os
@@ -16,6 +17,7 @@ from fedtt.privacy.dp import LocalDP
 REQUIRE_CUDA = os.environ.get("FEDTT_REQUIRE_CUDA") == "1"
 cuda = pytest.mark.skipif(not torch.cuda.is_available() and not REQUIRE_CUDA,
                           reason="no GPU (FEDTT_REQUIRE_CUDA=1 turns this into a failure)")
+DEVICES = ["cpu", pytest.param("cuda", marks=cuda)]
 DP = ["privacy.dp=true", "privacy.noise_multiplier=1.0", "federation.batch_size=4", "federation.local_steps=2"]
 
 
@@ -52,10 +54,10 @@ def test_cuda_is_there_when_required():
     assert torch.cuda.is_available(), "FEDTT_REQUIRE_CUDA=1 but torch sees no CUDA device"
 
 
-@cuda
-def test_cuda_dp_sgd_step_draws_its_noise_on_the_gpu():
+@pytest.mark.parametrize("device", DEVICES)
+def test_dp_sgd_step_draws_its_noise_on_the_training_device(device):
     cfg = load_config(None, DP)
-    device = torch.device("cuda")
+    device = torch.device(device)
     dp = LocalDP(cfg.privacy, cfg.federation, num_examples=100, rounds=1, prior=None, device=device)
     model = torch.nn.Linear(4, 2).to(device)
     before = model.weight.detach().clone()
@@ -66,12 +68,12 @@ def test_cuda_dp_sgd_step_draws_its_noise_on_the_gpu():
     assert torch.isfinite(model.weight).all() and not torch.equal(model.weight, before)
 
 
-@cuda
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("method", ["fedtt", "lora", "ffa-lora"])
-def test_cuda_bfloat16_adapters_train_and_match_float32(method):
-    """Every method on a bf16 backbone on the GPU: adapter math in fp32, finite gradients on the device, and the
-    same logits as the fp32 model to bf16's precision."""
-    device = torch.device("cuda")
+def test_bfloat16_adapters_train_and_match_float32(method, device):
+    """Every method on a bf16 backbone: adapter math in fp32, finite gradients on the device, and the same logits
+    as the fp32 model to bf16's precision."""
+    device = torch.device(device)
     models = {dtype: fedtt.inject(tiny_llama().to(dtype), fedtt.AdapterConfig(method=method)).to(device)
               for dtype in (torch.float32, torch.bfloat16)}
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0)).to(device)
@@ -79,5 +81,5 @@ def test_cuda_bfloat16_adapters_train_and_match_float32(method):
     torch.testing.assert_close(logits[torch.bfloat16].float(), logits[torch.float32], rtol=0.05, atol=0.05)
     torch.nn.functional.cross_entropy(logits[torch.bfloat16].flatten(0, 1).float(), ids.flatten()).backward()
     trainable = [p for p in models[torch.bfloat16].parameters() if p.requires_grad]
-    assert trainable and all(p.grad is not None and p.grad.device.type == "cuda" and torch.isfinite(p.grad).all()
+    assert trainable and all(p.grad is not None and p.grad.device.type == device.type and torch.isfinite(p.grad).all()
                              for p in trainable)

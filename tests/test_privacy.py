@@ -319,5 +319,48 @@ def test_a_client_refuses_a_round_below_its_minimum_and_bad_parameters_are_one_l
     with pytest.raises(ValueError, match="secure aggregation needs at least 3 clients"):
         SecAggParams(num_clients=2, num_shares=2, threshold=2, clip_range=1.0)
     with pytest.raises(ValueError, match="privacy.secagg_min_clients = 3"):
-        load_config(None, FAST + ["federation.num_clients=2", *SECURE])
+        load_config(None, FAST + ["federation.num_clients=2", "privacy.secure_aggregation=true",
+                                  "federation.min_replies=2"])
     assert copy.copy(secure_aggregation.round_params(load_config(None, []).privacy, 5)).threshold == 3
+
+
+def test_per_group_clipping_bounds_and_noises_the_head_and_the_adapter_each_on_its_own_scale(exp, no_dropout):
+    """privacy.head_grad_norm: each example's head gradient is clipped to C_head and its adapter gradient to C,
+    and each group gets noise of std sigma * sqrt(2) * its own clip (the whitened mechanism is the Gaussian one of
+    multiplier sigma, so the accountant's epsilon is unchanged)."""
+    model, rows = exp.model, exp.partitions[0][:6]
+    dp = dp_for(exp, max_grad_norm=0.001, head_grad_norm=0.1)
+    params = dict(model.named_parameters())
+    head = [n for n in model.fedtt_head_keys if params[n].requires_grad]
+    adapter = [n for n, p in params.items() if p.requires_grad and n not in head]
+    assert head and adapter
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    inputs, targets = batch(exp.train, rows, exp.device)
+    expected = []
+    for i in range(len(rows)):
+        model.zero_grad()
+        losses("classification", model, {k: v[i:i + 1] for k, v in inputs.items()}, targets[i:i + 1]).sum().backward()
+        clipped = {}
+        for names, bound in ((head, 0.1), (adapter, 0.001)):
+            norm = torch.sqrt(sum((params[n].grad ** 2).sum() for n in names)).item()
+            assert norm > bound  # clipping acts on both groups
+            clipped.update({n: params[n].grad * min(1.0, bound / (norm + 1e-6)) for n in names})
+        expected.append(clipped)
+    model.zero_grad()
+    model.train()
+    with dp.attached(model, torch.optim.AdamW(trainable, lr=1e-3)) as dp_optimizer:
+        losses("classification", model, inputs, targets).mean().backward()
+        dp_optimizer.clip_and_accumulate()
+        for n in head + adapter:
+            torch.testing.assert_close(params[n].summed_grad, sum(e[n] for e in expected), rtol=1e-4, atol=1e-7)
+        dp_optimizer.noise_multiplier = 3.0
+        dp_optimizer.add_noise()
+        for names, bound in ((head, 0.1), (adapter, 0.001)):
+            noise = torch.cat([(params[n].grad - params[n].summed_grad).reshape(-1) for n in names])
+            assert noise.std().item() == pytest.approx(3.0 * 2 ** 0.5 * bound, rel=0.1)
+    model.eval()
+    for p in trainable:
+        p.grad = None
+    for e in expected:
+        for names, bound in ((head, 0.1), (adapter, 0.001)):
+            assert torch.sqrt(sum((e[n] ** 2).sum() for n in names)) <= bound * (1 + 1e-5)

@@ -290,7 +290,7 @@ def _secure_round(seed: int, stage: str | None, masked_offset: bool = False):
         return parsed
 
     expected = {k: (s, None) for k, s in SHAPES.items()}
-    round_ = secure.SecureRound(cfg, 1, exchange, {k: s for k, (s, _) in expected.items()}, GROUPS,
+    round_ = secure.SecureRound(cfg, 1, exchange, {k: s for k, (s, _) in expected.items()}, ["0", "1"],
                                 {n: 10 for n in nodes})
     inputs = {}
     try:
@@ -329,3 +329,35 @@ def test_hostile_secure_aggregation_replies_abort_or_sum_exactly_the_survivors()
 
 def test_an_out_of_range_masked_vector_aborts_the_round_instead_of_bending_the_sum():
     assert _secure_round(5, None, masked_offset=True) is None
+
+
+HOSTILE_SYNCED = [{"synced-round": -1}, {"synced-round": 2**40}, {"synced-round": 1.5}, {}, {"synced-round": "1"},
+                  {"synced-round": 0, "extra": 1}, {"synced-round": True}]
+
+
+@pytest.mark.parametrize("metrics", HOSTILE_SYNCED + [{"synced-round": 7}])
+def test_hostile_fedtt_plus_handshake_replies_drop_the_node_or_resync_it(metrics):
+    """The ``synced`` stage: a malformed answer drops the node from the round; a well-formed one claiming a state
+    the server never sent (round 7 of 0) gets everything, never a partial payload built on what it claims."""
+    from fedtt.federated.roster import Roster
+    from fedtt.federated.rounds import RoundStats
+    from fedtt.federated.sync import Sync
+
+    app = joining_app()
+
+    @app.query("synced")
+    def synced(msg, context):
+        pid = int(context.node_config["partition-id"])
+        return Message(RecordDict({"metrics": MetricRecord(metrics if pid == 0 else {"synced-round": 0})}),
+                       reply_to=msg)
+
+    grid, stats = InProcessGrid(app, NODES), RoundStats(1)
+    roster, sync = Roster(CONFIG, 1.0), Sync(list(SHAPES))
+    nodes = roster.sample(grid, stats)
+    sync.handshake(grid, roster, nodes, {"layer.core_0"}, stats)  # a partial round: only core 0 trains
+    target = NODE_ID_OFFSET
+    if metrics == {"synced-round": 7}:
+        assert not stats.dropped and sync.payload(target, {"layer.core_0"}) == list(SHAPES)
+    else:
+        assert [d["node"] for d in stats.dropped] == [target] and stats.dropped[0]["stage"] == "query.synced"
+    assert all(sync.payload(n, {"layer.core_0"}) == ["layer.core_0"] for n in nodes if n != target)

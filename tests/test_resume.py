@@ -21,7 +21,8 @@ FAST = conftest.FAST
 EXTEND = [*FAST, "federation.lr_schedule=constant"]
 SETUPS = {"fedtt+ adaptive": ["method=fedtt+", "freezing.policy=adaptive", "freezing.patience=1"],
           "cross-device": ["federation.num_clients=6", "federation.clients_per_round=2"],
-          "dp": ["privacy.dp=true", "privacy.noise_multiplier=1.0", "privacy.target_epsilon=20.0"]}
+          "dp": ["privacy.dp=true", "privacy.noise_multiplier=1.0", "privacy.target_epsilon=20.0",
+                 "privacy.reproducible_noise=true"]}  # equal runs need the same noise (each client's own otherwise)
 
 
 # The first resumed round re-sends FedTT+ tensors that nodes lost with their process and asks cross-device nodes

@@ -1,4 +1,4 @@
-"""``fedtt`` command line: run, compare, tune, predict, generate, deploy-local, info."""
+"""``fedtt`` command line: run, compare, tune, frontier, predict, generate, deploy-local, sites, info."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ EXAMPLES = """examples:
   fedtt run --out runs/demo --resume                      # continue a killed run
   fedtt compare --config configs/demo.toml --quick --seeds 0,1,2 --out runs/compare
   fedtt tune --config configs/demo.toml --quick --methods fedtt,lora --grid federation.lr=1e-3,3e-3 --out runs/tune
+  fedtt frontier --config configs/demo.toml --quick --methods fedtt,fedtt+,lora --seeds 0,1 --out runs/frontier
   fedtt predict --adapter runs/demo/adapter --text "a gripping, beautifully acted film"
   fedtt generate --adapter runs/smollm2/adapter --prompt "Question: Who wrote Hamlet?"
   fedtt deploy-local --config configs/demo.toml --nodes 3 --set federation.rounds=2 --out runs/deploy
@@ -44,25 +45,44 @@ def _seeds(text: str) -> list[int]:
     return seeds
 
 
+def _list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _sweep(args) -> tuple[str, dict]:
+    """A sweep command's output directory and the options every sweep takes."""
+    out = args.out or f"runs/{args.command}-{Path(args.config).stem if args.config else 'default'}"
+    return out, {"quick": args.quick, "overwrite": args.overwrite, "seeds": _seeds(args.seeds), "resume": args.resume}
+
+
 def cmd_compare(args) -> None:
     from .compare import compare, read_tuned
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    out = args.out or f"runs/compare-{Path(args.config).stem if args.config else 'default'}"
+    out, sweep = _sweep(args)
     tuned = read_tuned(args.tuned) if args.tuned else None
-    runs = compare(args.config, args.set, methods, out, quick=args.quick, overwrite=args.overwrite,
-                   seeds=_seeds(args.seeds), tuned=tuned, resume=args.resume)
+    runs = compare(args.config, args.set, _list(args.methods), out, tuned=tuned, tune_lr=not args.no_tune, **sweep)
     print((Path(out) / "comparison.md").read_text())
     print(f"{len(runs)} runs; outputs in {out}/ (comparison.md, comparison.csv, comparison.png)")
+
+
+def cmd_frontier(args) -> None:
+    from .compare import parse_grid
+    from .frontier import frontier
+
+    out, sweep = _sweep(args)
+    sizes = parse_grid(args.sizes, "--sizes", "lora=1,8")
+    rows = frontier(args.config, args.set, _list(args.methods), out, sizes=sizes, wire_dtypes=_list(args.wire_dtypes),
+                    fraction=args.target, tune_lr=not args.no_tune, **sweep)
+    print((Path(out) / "frontier.md").read_text())
+    print(f"{len(rows)} points; outputs in {out}/ (frontier.md, frontier.csv, frontier.png)")
 
 
 def cmd_tune(args) -> None:
     from .compare import parse_grid, tune
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    out = args.out or f"runs/tune-{Path(args.config).stem if args.config else 'default'}"
-    chosen = tune(args.config, args.set, methods, parse_grid(args.grid), out, quick=args.quick,
-                  overwrite=args.overwrite, seeds=_seeds(args.seeds), resume=args.resume, by=args.by)
+    out, sweep = _sweep(args)
+    chosen = tune(args.config, args.set, _list(args.methods), parse_grid(args.grid) or None, out, by=args.by,
+                  **sweep)
     print((Path(out) / "tune.md").read_text())
     for method, values in chosen.items():
         print(f"{method}: {' '.join(values)}")
@@ -123,9 +143,17 @@ def cmd_deploy_local(args) -> None:
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
-    rounds = results["rounds"]
-    print(f"done: {len(rounds)} rounds, clients per round {[r['clients'] for r in rounds]}, final accuracy "
-          f"{results.get('final', {}).get('accuracy', float('nan')):.4f}; outputs in {args.out}/")
+    rounds, metric = results["rounds"], results["selection"]["metric"]
+    print(f"done: {len(rounds)} rounds, clients per round {[r['clients'] for r in rounds]}, final {metric} "
+          f"{results.get('final', {}).get(metric, float('nan')):.4f}; outputs in {args.out}/")
+
+
+def cmd_sites(args) -> None:
+    from .config import load_config
+    from .engines.sites import write_site_files
+
+    for path in write_site_files(load_config(args.config, args.set), Path(args.out)):
+        print(path)
 
 
 def cmd_info(args) -> None:
@@ -159,36 +187,60 @@ def main(argv: list[str] | None = None) -> int:
                         "--set federation.rounds=N extends a finished run)")
     p.set_defaults(func=cmd_run)
 
-    from .compare import DEFAULT_METHODS
+    from .adapters import METHODS as ADAPTER_METHODS
+    from .compare import DEFAULT_METHODS, LR_EXTENSIONS, LR_STEP
+    from .config import METHODS, POLICIES
+    from .frontier import SIZES, TARGET_FRACTION
 
-    for name in ("compare", "tune"):
-        p = commands.add_parser(name, help="run several methods on one config and compare them, over seeds"
-                                if name == "compare" else "choose each method's settings on validation: a grid "
-                                "per method over seeds")
+    specs = (f"{', '.join(METHODS)}, fedtt+:<{'|'.join(POLICIES)}>, centralized[:<{'|'.join(ADAPTER_METHODS)}>] "
+             "(default: %(default)s)")
+    search = (f"each method's learning rate is chosen on validation: its own x 1/{LR_STEP:g}, 1, {LR_STEP:g}, one "
+              f"step further past an edge that holds the best, at most {LR_EXTENSIONS} times")
+    for name, about, methods, quick in (
+            ("compare", "run several methods on one config and compare them, over seeds (each at its learning rate "
+             "chosen on validation)", DEFAULT_METHODS, ""),
+            ("tune", "choose each method's settings on validation: a grid per method over seeds", DEFAULT_METHODS, ""),
+            ("frontier", "accuracy against communication: each method over its size knob, each point at its "
+             "learning rate chosen on validation", SIZES, "; the two smallest sizes of each method, float32 only")):
+        p = commands.add_parser(name, help=about)
         p.add_argument("--config", help="experiment TOML shared by every method")
-        p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                       help="comma-separated: fedtt, fedtt+[:fixed|cyclic|adaptive], lora, ffa-lora, "
-                            "centralized[:fedtt|lora|ffa-lora] (default: %(default)s)")
+        p.add_argument("--methods", default=",".join(methods), help="comma-separated: " + (
+            specs if name != "frontier" else f"{', '.join(SIZES)} (default: all)"))
         p.add_argument("--seeds", default="0", help="comma-separated training seeds, e.g. 0,1,2 (the data seed "
                                                     "follows unless the config sets data_seed; default: 0)")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
         p.add_argument("--quick", action="store_true",
-                       help="a few-minute-per-method profile: 5 rounds at a constant learning rate, 48-token "
-                            "sequences, 500 validation and 500 test examples")
+                       help="a few-minute-per-run profile: 5 rounds at a constant learning rate, 48-token "
+                            "sequences, 500 validation and 500 test examples" + quick)
         p.add_argument("--out", help=f"output directory (default: runs/{name}-<config name>)")
         p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
         p.add_argument("--resume", action="store_true", help="continue a killed sweep: reuse the runs in --out "
                                                              "that finished, resume those that stopped")
+        if name != "tune":
+            p.add_argument("--no-tune", action="store_true",
+                           help=f"by default {search}; --no-tune runs each method at its own rate")
         if name == "compare":
             p.add_argument("--tuned", metavar="DIR", help="each method's settings chosen by `fedtt tune --out DIR`")
             p.set_defaults(func=cmd_compare)
-        else:
-            p.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2",
-                           help="values to try for a config key (repeatable: the grid is their product)")
+        elif name == "tune":
+            p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                           help=f"values to try for a config key (repeatable: the grid is their product; default: "
+                                f"{search})")
             p.add_argument("--by", choices=("selected", "final"), default="selected",
                            help="score a grid point by the validation metric at each run's validation-selected "
                                 "round (default) or at its final round (the adapter a run saves)")
             p.set_defaults(func=cmd_tune)
+        else:
+            p.add_argument("--sizes", action="append", default=[], metavar="METHOD=V1,V2",
+                           help="the sizes of a method (repeatable), e.g. lora=1,8; default: "
+                                + "; ".join(f"{m} {k} {','.join(map(str, v))}" for m, (k, v) in SIZES.items() if k)
+                                + " (freezing.max_groups 0: every group)")
+            p.add_argument("--wire-dtypes", default="", help="comma-separated federation.wire_dtype values; the "
+                           "learning rate is chosen at the first (default: float32,float16)")
+            p.add_argument("--target", type=float, default=TARGET_FRACTION,
+                           help="MB to target: the target is this fraction of the best mean validation metric of "
+                                "any point (default: %(default)s)")
+            p.set_defaults(func=cmd_frontier)
 
     p = commands.add_parser("predict", help="classify texts with a run's adapter (classification, or a templated "
                                             "instruction task by label likelihood)")
@@ -221,6 +273,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, help="give up after this many seconds (default: no limit)")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     p.set_defaults(func=cmd_deploy_local)
+
+    p = commands.add_parser("sites", help="write the config's partition i to <out>/site-<i>.csv (a site's data "
+                                          "file for a deployment: docs/deployment.md)")
+    p.add_argument("--config", help="experiment TOML")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=cmd_sites)
 
     p = commands.add_parser("info", help="list bundled models, tasks and methods")
     p.set_defaults(func=cmd_info)

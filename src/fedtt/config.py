@@ -99,6 +99,12 @@ class FederationConfig(Section):
     # path only): the coordinate-wise median, or the mean after trimming trim_fraction of each end.
     aggregator: Literal["mean", "median", "trimmed-mean"] = "mean"
     trim_fraction: Annotated[float, Field(ge=0.0, lt=0.5)] = 0.1
+    # Cross-device realism: each sampled client fails this round with this probability (simulated and seeded: the
+    # same clients fail on every engine), and the round goes on with the others.
+    dropout_rate: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    # The first rounds train the task head alone (linear probing, then fine-tuning: under DP the adapter then
+    # starts from a head that already fits the features, and the head's noise does not distort them)
+    head_only_rounds: NonNegativeInt = 0
     # Flower engines: seconds the server waits for a round's replies, and at the first round for the nodes to
     # connect; the round then goes on with the replies that arrived (in-process replies never wait).
     round_timeout: PositiveFloat = 600.0
@@ -162,7 +168,13 @@ class PrivacyConfig(Section):
     dp: bool = False
     target_epsilon: PositiveFloat | None = None   # the whole run's budget per client (noise calibrated to it)
     noise_multiplier: NonNegativeFloat | None = None  # sigma; with target_epsilon too: fixed sigma, budget enforced
-    max_grad_norm: PositiveFloat = 1.0       # per-example clipping norm C
+    max_grad_norm: PositiveFloat = 1.0       # per-example clipping norm C (of the adapter, with head_grad_norm)
+    # DP-SGD's Poisson rate per client (expected batch q n, trained in physical chunks of federation.batch_size);
+    # None: federation.batch_size / n
+    sample_rate: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    # set: the task head is clipped on its own to this norm and the adapter to max_grad_norm, each noised for its
+    # own clip (sigma * sqrt(2) * C_g: the same epsilon); None: one norm for every trained tensor together
+    head_grad_norm: PositiveFloat | None = None
     delta: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None  # None: min(1e-5, 1 / (10 n)) for the largest n
     accountant: Literal["rdp", "prv"] = "rdp"
     # true: DP noise and Poisson batches are derived from the run seed, so a seed reproduces a private run, and the
@@ -174,6 +186,20 @@ class PrivacyConfig(Section):
     secagg_clip_range: PositiveFloat = 1.0   # each weighted update value is clipped to +-this before quantising
     secagg_bits: Annotated[int, Field(ge=8, le=30)] = 22  # quantisation levels 2**bits per value
     secagg_min_clients: Annotated[int, Field(ge=2)] = 3   # clients refuse to mask in a smaller round
+    # Client-level (user-level) DP, DP-FedAvg (privacy/client_dp.py): each sampled client's whole update is clipped
+    # and the round's sum gets Gaussian noise, calibrated to a user-level epsilon for the whole run.
+    client_dp: bool = False
+    client_dp_epsilon: PositiveFloat | None = None           # the run's user-level budget (noise calibrated to it)
+    client_dp_noise_multiplier: PositiveFloat | None = None  # z instead: noise std on the sum = z * clip
+    client_dp_delta: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None  # None: min(1e-5, 1 / (10 num_clients))
+    client_dp_clip: PositiveFloat = 1.0      # L2 bound of each client's update (adaptive: the first round's)
+    client_dp_adaptive: bool = False         # clip tracks a quantile of the update norms (Andrew et al. 2021)
+    client_dp_target_quantile: Fraction = 0.5
+    client_dp_clip_lr: PositiveFloat = 0.2   # geometric step of the clip per round (the paper's eta_C)
+    client_dp_count_noise: PositiveFloat | None = None  # std of the noise on the clipped count; None: clients/20
+    # server: the server adds the noise to the sum (it is trusted with the clean sum); distributed: every client
+    # adds a share before secure aggregation masks it, so the server only ever unmasks a noised sum
+    client_dp_placement: Literal["server", "distributed"] = "server"
 
     @model_validator(mode="after")
     def _check(self) -> PrivacyConfig:
@@ -183,6 +209,21 @@ class PrivacyConfig(Section):
         if not self.dp and (self.target_epsilon is not None or self.noise_multiplier is not None):
             raise ValueError("privacy.target_epsilon / privacy.noise_multiplier are set but privacy.dp = false; "
                              "set privacy.dp = true or remove them")
+        # client_dp with example-level dp is allowed: the two guarantees are about different neighbouring datasets
+        # (one user's data vs one example) and each holds on its own; neither number improves the other.
+        calibration = (self.client_dp_epsilon is not None) + (self.client_dp_noise_multiplier is not None)
+        if self.client_dp and calibration != 1:
+            raise ValueError("privacy.client_dp = true needs exactly one of privacy.client_dp_epsilon (the run's "
+                             "user-level budget) and privacy.client_dp_noise_multiplier")
+        if not self.client_dp and (calibration or self.client_dp_delta is not None):
+            raise ValueError("privacy.client_dp_epsilon / client_dp_noise_multiplier / client_dp_delta are set but "
+                             "privacy.client_dp = false; set privacy.client_dp = true or remove them")
+        if self.client_dp and self.client_dp_placement == "distributed" and self.client_dp_adaptive:
+            raise ValueError("privacy.client_dp_adaptive needs privacy.client_dp_placement = 'server' (with the noise "
+                             "split among clients, each must add it for the same clip, which the server would set)")
+        if self.client_dp and self.client_dp_placement == "distributed" and not self.secure_aggregation:
+            raise ValueError("privacy.client_dp_placement = 'distributed' needs privacy.secure_aggregation = true "
+                             "(otherwise the server sees each noise share next to its update)")
         return self
 
 
@@ -238,6 +279,10 @@ class Config(Section):
                              f"{self.clients_per_round}")
         if self.privacy.secure_aggregation:
             self._check_secure_aggregation()
+        if self.privacy.client_dp:  # the mechanism's own rules (and its calibration) fail here, before any round
+            from .privacy.client_dp import ClientDP
+
+            ClientDP.of(self)
         self._check_groups()
         return self
 

@@ -28,8 +28,8 @@ from .files import atomic_write
 FIGSIZE = (10.0, 4.0)  # inches
 DPI = 110  # -> 1100 x 440 px
 
-__all__ = ["code_version", "format_bytes", "json_safe", "round_summary", "summarize", "write_comparison",
-           "write_results"]
+__all__ = ["code_version", "format_bytes", "format_mean_std", "json_safe", "md_table", "mean_and_std", "round_summary",
+           "summarize", "write_comparison", "write_results"]
 
 
 # ---------------------------------------------------------------------------------------------- provenance
@@ -112,7 +112,7 @@ def json_safe(obj):
     raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")
 
 
-def _md_table(header: list[str], rows: list[list[str]]) -> str:
+def md_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
@@ -186,8 +186,8 @@ def write_results(results: dict, out_dir: Path, tables: bool = True) -> None:
                     f"{max(p['delta'].values()):g}, clipping {p['max_grad_norm']:g}, {p['accountant']} accountant")
     if results.get("status") == "failed":
         head.append(f"- FAILED: {results.get('error')}")
-    table = _md_table(["round", "clients", "train loss", f"val {metric}", f"test {metric}", "test loss", "params up",
-                       "params down", "kB up", "kB down", "cumulative MB"], rows)
+    table = md_table(["round", "clients", "train loss", f"val {metric}", f"test {metric}", "test loss", "params up",
+                      "params down", "kB up", "kB down", "cumulative MB"], rows)
     atomic_write(out_dir / "results.md", "\n".join(head) + "\n\n" + table)
     if results["rounds"]:
         _plot([[results]], out_dir / "curves.png", f"{_label(results)}: {results['task']} on {results['model']}")
@@ -222,7 +222,9 @@ def _plot(groups: list[list[dict]], path: Path, title: str) -> None:
     ax_mb.legend(loc="best", fontsize="small")
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)  # no bbox_inches="tight": the pixel size stays fixed
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=DPI, format="png")  # no bbox_inches="tight": the pixel size stays fixed
+    atomic_write(path, buffer.getvalue())
 
 
 # ------------------------------------------------------------------------------------------- several runs
@@ -233,7 +235,7 @@ RATIO_COLUMN = "x less traffic than LoRA"
 DECODER_METRICS = ("loss", "label_accuracy")
 
 
-def _stats(values: list[float]) -> tuple[float, float]:
+def mean_and_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
@@ -255,11 +257,11 @@ def summarize(runs: list[dict]) -> list[dict]:
         params = sum(x["params_up"] + x["params_down"] for r in members for x in r["rounds"])
         nbytes = sum(x["bytes_up"] + x["bytes_down"] for r in members for x in r["rounds"])
         row = {"method": label, "metric": metric, "n": len(members),
-               "test_selected_mean": _stats(selected)[0] if selected else None,
-               "test_selected_std": _stats(selected)[1] if selected else None,
-               "test_final_mean": _stats(final)[0] if final else None,
-               "test_final_std": _stats(final)[1] if final else None,
-               "validation_selected_mean": _stats(validation)[0] if validation else None,
+               "test_selected_mean": mean_and_std(selected)[0] if selected else None,
+               "test_selected_std": mean_and_std(selected)[1] if selected else None,
+               "test_final_mean": mean_and_std(final)[0] if final else None,
+               "test_final_std": mean_and_std(final)[1] if final else None,
+               "validation_selected_mean": mean_and_std(validation)[0] if validation else None,
                "selected_rounds": " ".join(str(r["selected"]["round"]) for r in members if r.get("selected")),
                "trainable_params": members[0]["trainable_params"],
                "params_per_round": params / rounds, "bytes_per_round": nbytes / rounds,
@@ -268,7 +270,7 @@ def summarize(runs: list[dict]) -> list[dict]:
         for key in DECODER_METRICS if members[0].get("kind") == "instruction" else ():
             values = [r["selected"]["test"][key] for r in members if key in r.get("selected", {}).get("test", {})]
             if values and key != metric:
-                row[f"test_{key}_selected_mean"], row[f"test_{key}_selected_std"] = _stats(values)
+                row[f"test_{key}_selected_mean"], row[f"test_{key}_selected_std"] = mean_and_std(values)
         if any(r.get("privacy", {}).get("epsilon") for r in members):
             row["epsilon_max"] = max(r["privacy"]["epsilon_max"] for r in members)
         if lora_bytes is not None:
@@ -278,11 +280,12 @@ def summarize(runs: list[dict]) -> list[dict]:
     return rows
 
 
-def _mean_std(row: dict, key: str) -> str:
+def format_mean_std(row: dict, key: str, fmt: str = ".4f") -> str:
+    """``row[key_mean] ± row[key_std]`` ("-" when there is no mean; the mean alone for one seed)."""
     mean, std = row[f"{key}_mean"], row[f"{key}_std"]
     if mean is None:
         return "-"
-    return f"{mean:.4f} ± {std:.4f}" if row["n"] > 1 else f"{mean:.4f}"
+    return f"{mean:{fmt}} ± {std:{fmt}}" if row["n"] > 1 else f"{mean:{fmt}}"
 
 
 def write_comparison(runs: list[dict], out_dir: Path) -> list[dict]:
@@ -310,11 +313,12 @@ def write_comparison(runs: list[dict], out_dir: Path) -> list[dict]:
     header += (["epsilon (max)"] if has_epsilon else []) + ([RATIO_COLUMN] if has_ratio else [])
     md_rows = []
     for row in rows:
-        cells = [row["method"], str(row["n"]), _mean_std(row, "test_selected"), _mean_std(row, "test_final"),
-                 _num(row["validation_selected_mean"]), row["selected_rounds"], f"{row['trainable_params']:,}",
-                 f"{round(row['params_per_round']):,}", format_bytes(round(row["bytes_per_round"])),
+        cells = [row["method"], str(row["n"]), format_mean_std(row, "test_selected"),
+                 format_mean_std(row, "test_final"), _num(row["validation_selected_mean"]), row["selected_rounds"],
+                 f"{row['trainable_params']:,}", f"{round(row['params_per_round']):,}",
+                 format_bytes(round(row["bytes_per_round"])),
                  f"{row['total_mb']:.3f}", f"{row['wall_seconds']:.1f}"]
-        cells += [_mean_std(row, f"test_{key}_selected") if f"test_{key}_selected_mean" in row else "-"
+        cells += [format_mean_std(row, f"test_{key}_selected") if f"test_{key}_selected_mean" in row else "-"
                   for key in extras]
         cells += [_num(row.get("epsilon_max"), ".2f")] if has_epsilon else []
         cells += [_num(row.get(RATIO_COLUMN), ".1f")] if has_ratio else []
@@ -322,7 +326,7 @@ def write_comparison(runs: list[dict], out_dir: Path) -> list[dict]:
     tasks = sorted({r["task"] for r in runs})
     models = sorted({r["model"] for r in runs})
     title = f"{', '.join(tasks)} on {', '.join(models)}"
-    atomic_write(out_dir / "comparison.md", f"# Comparison: {title}\n\n" + _md_table(header, md_rows))
+    atomic_write(out_dir / "comparison.md", f"# Comparison: {title}\n\n" + md_table(header, md_rows))
     groups: dict[str, list[dict]] = {}
     for res in runs:
         groups.setdefault(_label(res), []).append(res)

@@ -8,26 +8,16 @@ from pathlib import Path
 
 from .config import Config
 from .engines.inprocess import run_inprocess
-from .federated.checkpoint import FILE as CHECKPOINT
 from .federated.checkpoint import check_resumable, read_checkpoint
 from .federated.client_app import app as client_app
 from .federated.server_app import app as server_app
 from .federated.task import experiment, run_config_for
+from .files import prepare_out_dir
 from .privacy.dp import check_delta
 
 
 class RunFailed(RuntimeError):
     """The federation ran but trained nothing (no round could be aggregated); the message says why."""
-
-
-def prepare_out_dir(out_dir: Path, overwrite: bool) -> Path:
-    if (out_dir / "results.json").exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} already holds a run (results.json); choose another --out, pass "
-                              "--overwrite to replace it or --resume to continue it")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for old_state in (CHECKPOINT, "results.json"):  # a new run must not be resumed or reused as the old one
-        (out_dir / old_state).unlink(missing_ok=True)
-    return out_dir
 
 
 def run(config: Config, out_dir: str | Path, overwrite: bool = False, resume: bool = False) -> dict:

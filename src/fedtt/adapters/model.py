@@ -62,6 +62,7 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
     # frozen (its seeded init is not in the backbone's checkpoint).
     in_head = tuple(f"{h}." for h in heads)
     model.fedtt_adapter_keys = [n for n, p in params.items() if n in added or p.requires_grad or n.startswith(in_head)]
+    model.fedtt_head_keys = [n for n in params if n.startswith(in_head)]  # DP clips the head on its own
     return model
 
 

@@ -7,7 +7,8 @@ in several terminals:
    SuperNode;
 2. ``$FLWR_HOME/config.toml`` with a SuperLink connection (address + ``root-certificates``) for the ``flwr`` CLI;
 3. ``flower-superlink`` with ``--ssl-*`` and ``--enable-supernode-auth`` on a free 127.0.0.1 port;
-4. ``flwr supernode register <key.pub>`` for every SuperNode (only registered keys may connect);
+4. ``flwr supernode register <key.pub>`` for every SuperNode (only registered keys may connect; on loopback only,
+   because Flower 1.41's Control API, which registers keys, is itself unauthenticated: docs/deployment.md);
 5. one ``flower-supernode`` per site (``--root-certificates``, ``--auth-supernode-private-key``,
    ``--node-config "data-path='<site file>' partition-id=<i>"``, its own Runtime API port and ``$FLWR_HOME``);
 6. ``flwr run <app> <connection> --stream --run-config <toml>`` (``config-file``, ``overrides``, ``out-dir``);
@@ -42,7 +43,8 @@ from pathlib import Path
 import psutil
 import tomli_w
 
-from . import devcerts
+from ..files import atomic_write, prepare_out_dir
+from . import devcerts, sites
 
 logger = logging.getLogger("fedtt")
 
@@ -161,7 +163,7 @@ class LocalDeployment:
     def start(self) -> None:
         """Credentials, SuperLink, key registration, SuperNodes; returns when every SuperNode is online."""
         self.logs.mkdir(parents=True, exist_ok=True)
-        paths = devcerts.generate(self.creds, nodes=self.num_nodes)
+        paths = devcerts.generate(self.creds, nodes=self.num_nodes, overwrite=True)  # this run's own dev creds
         self.ca = paths["ca"]
         ports = free_ports(self.num_nodes + 1)
         self.port, node_ports = ports[0], ports[1:]
@@ -401,35 +403,7 @@ def _rounds(results: Path) -> int:
         return 0
 
 
-# --- sites and the `fedtt deploy-local` command ----------------------------------------------------------
-
-
-def write_site_files(config, directory: Path) -> list[Path]:
-    """One CSV per client: the config's partition i of the task's train split (``task.build_data``, the pipeline
-    every engine uses), labels written by name; open-ended instruction pairs as prompt/response.
-
-    This is what each site would hold in a real deployment (``data-path`` in its node config); columns are the
-    task's own (``task.text_column`` / ``task.label_column``, or the prompt/response columns), so the ClientApp
-    reads them like ``task.name``.
-    """
-    import pandas as pd
-
-    from ..federated.task import build_data
-
-    data = build_data(config)
-    t, task = config.task, data.task
-    directory.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, rows in enumerate(data.partitions):
-        part = task.train.select(rows)
-        if task.labelled:
-            frame = {t.text_column: part["text"], t.label_column: [task.label_names[y] for y in part["label"]]}
-        else:
-            frame = {t.prompt_column: part["prompt"], t.response_column: part["response"]}
-        path = directory / f"site-{i}.csv"
-        pd.DataFrame(frame).to_csv(path, index=False)
-        paths.append(path)
-    return paths
+# --- the `fedtt deploy-local` command ----------------------------------------------------------------------
 
 
 def deploy_local(config_file: str | None, overrides: list[str], out_dir: str | Path, *, nodes: int = 3,
@@ -450,59 +424,15 @@ def deploy_local(config_file: str | None, overrides: list[str], out_dir: str | P
         raise ValueError(f"{len(data_paths)} --data-path files for {nodes} nodes; give one per node")
     overrides = [*overrides, f"federation.num_clients={nodes}"]
     config = load_config(config_file, overrides)  # fails here, not in the ServerApp, on a bad key
-    out_dir = Path(out_dir).resolve()
-    if (out_dir / "results.json").exists():
-        if not overwrite:
-            raise FileExistsError(f"{out_dir} already holds a run (results.json); choose another --out or pass "
-                                  "--overwrite")
-        for stale in ("results.json", "results.md"):
-            (out_dir / stale).unlink(missing_ok=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = prepare_out_dir(Path(out_dir).resolve(), overwrite)
     if config_file is None:  # the defaults: give the ServerApp a file anyway
         config_file = str(out_dir / "experiment.toml")
-        Path(config_file).write_text(config.to_toml())
+        atomic_write(config_file, config.to_toml())
     workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="fedtt-deploy-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    if data_paths:
-        node_configs = [f"data-path={_toml_str(str(Path(p).resolve()))} partition-id={i}"
-                        for i, p in enumerate(data_paths)]
-    elif partition_ids:
-        node_configs = None
-    else:
-        sites = write_site_files(config, workdir / "sites")
-        node_configs = [f"data-path={_toml_str(str(p))} partition-id={i}" for i, p in enumerate(sites)]
+    configs = sites.node_configs(config, workdir, data_paths, partition_ids)
     logger.info("deployment workdir %s (credentials, logs, FLWR_HOME)", workdir)
-    with LocalDeployment(workdir, nodes, node_configs=node_configs, echo=echo) as deployment:
+    with LocalDeployment(workdir, nodes, node_configs=configs, echo=echo) as deployment:
         logger.info("SuperLink on 127.0.0.1:%d (TLS, SuperNode authentication), %d SuperNodes online",
                     deployment.port, nodes)
         return deployment.run(config_file, overrides, out_dir, timeout=timeout)
-
-
-def _toml_str(value: str) -> str:
-    """A --node-config string value: Flower's parser takes '...' or "..." without escapes."""
-    for quote in ("'", '"'):
-        if quote not in value:
-            return f"{quote}{value}{quote}"
-    raise ValueError(f"path {value!r} contains both quote characters; rename it")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m fedtt.engines.deployment sites``: write the config's partitions as one CSV per site."""
-    import argparse
-
-    from ..config import load_config
-
-    parser = argparse.ArgumentParser(prog="python -m fedtt.engines.deployment")
-    commands = parser.add_subparsers(dest="command", required=True)
-    p = commands.add_parser("sites", help="write partition i of the experiment to <out>/site-<i>.csv")
-    p.add_argument("--config", help="experiment TOML")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    p.add_argument("--out", required=True, help="output directory")
-    args = parser.parse_args(argv)
-    for path in write_site_files(load_config(args.config, args.set), Path(args.out)):
-        print(path)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -61,15 +61,19 @@ def _san(hosts) -> x509.SubjectAlternativeName:
     return x509.SubjectAlternativeName(names)
 
 
-def generate(out: str | Path, nodes: int = 3, hosts=(), days: int = 30) -> dict[str, Path]:
+def generate(out: str | Path, nodes: int = 3, hosts=(), days: int = 30, overwrite: bool = False) -> dict[str, Path]:
     """Write a CA, a SuperLink certificate for loopback + ``hosts`` and ``nodes`` SuperNode key pairs.
 
     Returns the paths: ``ca``, ``server_cert``, ``server_key`` and ``node_keys`` (a list of private key
-    paths; each public key is ``<private>.pub``).
+    paths; each public key is ``<private>.pub``). An existing CA is never replaced unless ``overwrite``: a new
+    CA would lock out every site that trusts the old one.
     """
     if nodes < 0:
         raise ValueError(f"nodes must be >= 0, got {nodes}")
     out = Path(out)
+    if (out / "ca.key").exists() and not overwrite:
+        raise FileExistsError(f"{out} already holds a CA (ca.key); replacing it locks out every site that trusts "
+                              "it: choose another --out, or pass --overwrite")
     now = dt.datetime.now(dt.timezone.utc)
     valid_from, valid_to = now - dt.timedelta(minutes=5), now + dt.timedelta(days=days)
 
@@ -130,8 +134,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="extra SuperLink host name or IP for the certificate (repeatable); "
                              "127.0.0.1, ::1 and localhost are always included")
     parser.add_argument("--days", type=int, default=30, help="validity in days (default: 30)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing CA and keys in --out")
     args = parser.parse_args(argv)
-    paths = generate(args.out, args.nodes, args.host, args.days)
+    try:
+        paths = generate(args.out, args.nodes, args.host, args.days, args.overwrite)
+    except FileExistsError as err:
+        print(f"devcerts: error: {err}", file=sys.stderr)
+        return 2
     print(f"CA certificate      {paths['ca']}")
     print(f"SuperLink cert/key  {paths['server_cert']}  {paths['server_key']}")
     for key in paths["node_keys"]:

@@ -18,10 +18,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save
 
 from ..config import Config
+from ..files import CHECKPOINT as FILE
 from ..files import atomic_write
 from ..report import json_safe as _json_safe
 
-FILE = "checkpoint.safetensors"
 # What may change on resume: how many rounds in all (to extend a run), and how it is executed.
 MAY_CHANGE = {"federation.rounds", "federation.engine", "federation.round_timeout"}
 

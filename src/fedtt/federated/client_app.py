@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 from functools import lru_cache
 
 import numpy as np
@@ -25,6 +26,7 @@ from flwr.clientapp import ClientApp
 
 from ..adapters import load_trainable_state_dict
 from ..learning.batches import Encoded
+from ..privacy import client_dp
 from ..privacy import secure_aggregation as secure
 from ..privacy.dp import LocalDP
 from ..privacy.policy import SitePolicy
@@ -45,6 +47,7 @@ from .task import (
 
 app = ClientApp()
 SYNCED, SYNCED_ROUND = "fedtt-synced", "fedtt-synced-round"  # context.state: the global state this node holds
+DROPOUT_SALT = 0x9E3779B9  # the simulated drop-out draw is independent of the batches drawn from the same seed
 
 
 def site_path(node_config) -> str | None:
@@ -136,10 +139,13 @@ def train(msg: Message, context: Context) -> Message:
     load_trainable_state_dict(exp.model, {k: torch.from_numpy(np.asarray(v)) for k, v in received.items()},
                               strict=False)
     params = dict(exp.model.named_parameters())
+    head_only = server_round <= cfg.federation.head_only_rounds
     for name in exp.model.fedtt_trainable:  # FedTT+: the round's frozen groups get no gradient
-        params[name].requires_grad_(name in keys)
+        params[name].requires_grad_(name in keys and (not head_only or name in exp.model.fedtt_head_keys))
     start = {k: params[k].detach().to("cpu", torch.float32).clone() for k in keys}
     seed = client_seed(cfg.seed, server_round, partition_id)
+    if random.Random(seed ^ DROPOUT_SALT).random() < cfg.federation.dropout_rate:
+        raise SimulatedDropout(f"simulated drop-out (federation.dropout_rate = {cfg.federation.dropout_rate:g})")
     dp = LocalDP.for_round(cfg.privacy, cfg.federation, context, len(rows), config["dp-prior-steps"], exp.device,
                            seed) if cfg.privacy.dp else None
     loss = exp.train_local(data, rows, seed=seed, lr=config["lr"], dp=dp,
@@ -147,8 +153,10 @@ def train(msg: Message, context: Context) -> Message:
 
     update = {k: (params[k].detach().to("cpu", torch.float32) - start[k]).numpy() for k in keys}
     squares = mean_squares(update, exp.groups)
+    if cfg.privacy.client_dp:
+        update, squares = client_level_dp(cfg, update, config.get("client-dp-clip"), seed)
     metrics = {"num-examples": len(rows), "synced-round": synced_round(context), **(dp.finish(context) if dp else {})}
-    if not (cfg.privacy.dp or "secagg" in parsed):  # the loss is a statistic of the private data
+    if not (cfg.privacy.dp or cfg.privacy.client_dp or "secagg" in parsed):  # a statistic of the private data
         metrics["train_loss"] = loss
     if "secagg" in parsed:
         rng = np.random.default_rng(seed) if cfg.privacy.reproducible_noise else None
@@ -160,6 +168,24 @@ def train(msg: Message, context: Context) -> Message:
         metrics.update({protocol.SQ + g: v for g, v in squares.items()})
         content = RecordDict({"arrays": arrays, "wire": index, "metrics": MetricRecord(metrics)})
     return Message(content, reply_to=msg)
+
+
+class SimulatedDropout(RuntimeError):
+    """A sampled client that fails this round (``federation.dropout_rate``): the server sees an error reply."""
+
+
+def client_level_dp(cfg, update: dict[str, np.ndarray], server_clip: float | None, seed: int):
+    """Client-level DP on this client: its update clipped to the clip (its own config's, or with adaptive clipping
+    the round's, which the server tracks), plus its share of the noise in the distributed placement; the only
+    statistic it sends is adaptive clipping's indicator (noised likewise), never its update's size."""
+    plan = client_dp.ClientDP.of(cfg)
+    clip_norm = server_clip if plan.count_noise and server_clip else cfg.privacy.client_dp_clip
+    update, bit = client_dp.clip(update, clip_norm)
+    statistics = {protocol.CLIP_BIT: bit} if plan.count_noise else {}
+    if cfg.privacy.client_dp_placement == "distributed":
+        rng = np.random.default_rng(seed) if cfg.privacy.reproducible_noise else None
+        update = client_dp.add_noise(update, plan.noise_std(clip_norm), rng)
+    return {k: v.astype(np.float32) for k, v in update.items()}, statistics
 
 
 def _reply(msg: Message, **metrics) -> Message:
@@ -198,7 +224,10 @@ def secagg_share(msg: Message, context: Context) -> Message:
 @app.query("secagg_sign")
 def secagg_sign(msg: Message, context: Context) -> Message:
     config = config_from_run_config(context.run_config)
-    return secure.client_sign(msg, context, SitePolicy.of(context.node_config).min_clients(config))
+    floor = SitePolicy.of(context.node_config).min_clients(config)
+    if config.privacy.client_dp and config.privacy.client_dp_placement == "distributed":
+        floor = max(floor, client_dp.ClientDP.of(config).parties)  # fewer survivors: an under-noised sum
+    return secure.client_sign(msg, context, floor)
 
 
 @app.query("secagg_unmask")

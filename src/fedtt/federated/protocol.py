@@ -21,6 +21,7 @@ MAX_ID = 2**64 - 1          # Flower node ids are unsigned 64-bit
 MAX_PARTITION = 2**31 - 1
 MAX_BYTES = 1 << 20         # any one bytes value (keys, shares, signatures, id lists)
 SQ = "sq:"                  # metric key prefix: a client's squared update size per FedTT+ group
+CLIP_BIT = "clip-bit"       # client-level DP, adaptive clipping: b - 1/2, carried like a group's statistic
 
 
 class ProtocolError(ValueError):
@@ -152,7 +153,7 @@ TRAIN_INS = Schema(TRAIN, {
     "config": _config(Field("server-round", int, 1, 2**31), Field("lr", float, 0.0),
                       Field("groups", list, 0, 4096, required=False), Field("full", bool),
                       Field("base-round", int, 0, 2**31), Field("sync-round", int, 0, 2**31),
-                      Field("dp-prior-steps", int, 0, 2**53)),
+                      Field("dp-prior-steps", int, 0, 2**53), Field("client-dp-clip", float, 0.0, required=False)),
     "secagg": _config(Field("src", bytes, *BLOB), Field("ct", bytes, *BLOB), Field("max-weight", int, 1, 2**53),
                       Field("length", int, 1, 2**40))}, optional=frozenset({"secagg"}))
 
@@ -160,7 +161,8 @@ TRAIN_INS = Schema(TRAIN, {
 TRAIN_REPLY = Schema(TRAIN, {
     "arrays": ARRAYS, "wire": _config(Field("index", bytes, *BLOB)),
     "metrics": _metrics(COUNT, Field("synced-round", int, 0, 2**31), Field("train_loss", float, required=False),
-                        Field(SQ, float, 0.0, prefix=True), *DP_FIELDS)}, optional=frozenset({"wire"}))
+                        Field(SQ + CLIP_BIT, float, -0.5, 0.5, required=False), Field(SQ, float, 0.0, prefix=True),
+                        *DP_FIELDS)}, optional=frozenset({"wire"}))
 PARTITION_REPLY = Schema(query_type("partition"), {"metrics": _metrics(Field("partition-id", int, 0, MAX_PARTITION),
                                                                        COUNT)})
 SYNCED_REPLY = Schema(query_type("synced"), {"metrics": _metrics(Field("synced-round", int, 0, 2**31))})

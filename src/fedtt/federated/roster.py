@@ -17,6 +17,7 @@ from flwr.app import Message
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
+from ..privacy.client_dp import poisson_sample
 from . import protocol
 from .protocol import ProtocolError, Schema
 from .rounds import RoundStats
@@ -43,10 +44,14 @@ class Roster:
     # ------------------------------------------------------------------------------------------ sampling
 
     def sample(self, grid: Grid, stats: RoundStats) -> list[int]:
-        """Cross-silo: every known node. Cross-device: a seeded sample of partitions."""
+        """Cross-silo: every known node. Cross-device: a seeded sample of partitions (under client-level DP each
+        partition independently with probability clients_per_round / num_clients)."""
         nodes = self._wait_for_nodes(grid)
         self._ask_partitions(grid, nodes, stats)
         known = {self.partition_of[n]: n for n in nodes if n in self.partition_of}
+        if self.config.privacy.client_dp:  # the accountant's amplification assumes Poisson sampling
+            q = self.config.clients_per_round / self.config.federation.num_clients
+            return sorted(known[p] for p in poisson_sample(sorted(known), q, self.rng))
         if self.config.clients_per_round >= len(known):
             return sorted(known.values())
         chosen = self.rng.sample(sorted(known), self.config.clients_per_round)

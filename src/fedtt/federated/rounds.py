@@ -34,6 +34,7 @@ class RoundStats:
     dropped: list[dict] = field(default_factory=list)  # {"node", "stage", "reason"}: replies not used, and why
     privacy: dict[str, dict] = field(default_factory=dict)  # per partition: its DP accounting as it reported it
     secure_aggregation: dict | None = None
+    client_dp: dict | None = None                      # user-level epsilon so far, the clip, the sum's noise
     skipped: str | None = None                         # why the round kept the global adapter
     seconds: float | None = None
 
@@ -71,6 +72,7 @@ class RoundStats:
                  "agreement": self.agreement, "dropped": self.dropped, "seconds": self.seconds}
         if self.skipped:
             entry["skipped"] = self.skipped
-        if self.secure_aggregation:
-            entry["secure_aggregation"] = self.secure_aggregation
+        for key in ("secure_aggregation", "client_dp"):
+            if getattr(self, key):
+                entry[key] = getattr(self, key)
         return entry

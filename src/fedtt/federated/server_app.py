@@ -21,13 +21,13 @@ from tqdm.auto import tqdm
 
 from ..adapters import load_trainable_state_dict, save_adapter
 from ..data import label_histograms
-from ..files import atomic_write
+from ..files import atomic_write, prepare_out_dir, replace_dir
 from ..learning.evaluation import GENERATION, selection_metric
 from ..report import code_version, round_summary, write_results
 from .checkpoint import Checkpoint, check_resumable, read_checkpoint, save_checkpoint
 from .freezing import FreezingPolicy, num_cores
 from .strategy import FedTTStrategy
-from .task import OUT_KEY, RESUME_KEY, Experiment, experiment
+from .task import CONFIG_KEY, OUT_KEY, RESUME_KEY, Experiment, experiment
 
 app = ServerApp()
 logger = logging.getLogger("fedtt")
@@ -150,12 +150,13 @@ class RunRecorder:
         else:
             self.results["status"] = "finished"
         load_trainable_state_dict(self.exp.model, arrays.to_torch_state_dict())
-        save_adapter(self.exp.model, self.out_dir / "adapter", metadata={
+        metadata = {
             "model": cfg.model.name, "num_hidden_layers": cfg.model.num_hidden_layers,
             "max_length": cfg.model.max_length, "task": cfg.task.name, "kind": cfg.task.kind,
             "label_names": self.exp.task.label_names, "label_words": self.exp.task.label_words,
             "template": self.exp.task.template,
-            "max_new_tokens": cfg.task.max_new_tokens, "model_path": getattr(self.exp.model, "name_or_path", None)})
+            "max_new_tokens": cfg.task.max_new_tokens, "model_path": getattr(self.exp.model, "name_or_path", None)}
+        replace_dir(self.out_dir / "adapter", lambda tmp: save_adapter(self.exp.model, tmp, metadata=metadata))
         self.results["wall_seconds"] = round(time.time() - self.start, 2)
         write_results(self.results, self.out_dir)
 
@@ -165,6 +166,9 @@ def main(grid: Grid, context: Context) -> None:
     exp = experiment(context.run_config)
     cfg = exp.config
     out_dir = Path(str(context.run_config[OUT_KEY]))
+    if CONFIG_KEY not in context.run_config and not context.run_config.get(RESUME_KEY, False):
+        # started by `flwr run` (fedtt run and deploy-local prepare the directory first): never over a finished run
+        prepare_out_dir(out_dir, overwrite=bool(context.run_config.get("overwrite", False)))
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(out_dir / "config.toml", cfg.to_toml())  # `fedtt run --config <out>/config.toml` repeats the run
     policy = None

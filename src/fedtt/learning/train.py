@@ -62,13 +62,21 @@ def train_local(model: torch.nn.Module, data: Encoded, rows: np.ndarray, *, kind
             if not indices:  # DP-SGD's Poisson sample can be empty: the step is noise only
                 dp.noise_only(step_optimizer)
                 continue
-            inputs, targets = batch(data, rows[indices], device)
-            loss = losses(kind, model, inputs, targets).mean()
-            loss.backward()
-            if federation.clip_grad_norm > 0 and dp is None:
-                torch.nn.utils.clip_grad_norm_(trainable, federation.clip_grad_norm)
-            step_optimizer.step()
-            step_optimizer.zero_grad(set_to_none=True)
-            history.append(loss.item())
+            # DP-SGD's logical batch can be large: it is cut into physical chunks of batch_size, each clipped and
+            # accumulated (Opacus' skip-step, as its BatchMemoryManager), and the step is taken once, so memory
+            # stays bounded and the noise is added once per logical batch
+            chunks = [indices] if dp is None else [indices[i:i + federation.batch_size]
+                                                   for i in range(0, len(indices), federation.batch_size)]
+            for i, chunk in enumerate(chunks):
+                inputs, targets = batch(data, rows[chunk], device)
+                loss = losses(kind, model, inputs, targets).mean()
+                loss.backward()
+                if federation.clip_grad_norm > 0 and dp is None:
+                    torch.nn.utils.clip_grad_norm_(trainable, federation.clip_grad_norm)
+                if i < len(chunks) - 1:
+                    step_optimizer.signal_skip_step(True)
+                step_optimizer.step()
+                step_optimizer.zero_grad(set_to_none=True)
+                history.append(loss.item())
     model.eval()
     return sum(history) / len(history) if history else math.nan

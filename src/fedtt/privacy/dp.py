@@ -49,9 +49,9 @@ def default_delta(num_examples: int) -> float:
     return min(1e-5, 1.0 / (10 * num_examples))
 
 
-def steps_per_round(federation, num_examples: int) -> int:
-    return federation.local_epochs * math.ceil(num_examples / federation.batch_size) if federation.local_epochs \
-        else federation.local_steps
+def steps_per_round(federation, sample_rate: float) -> int:
+    """``local_steps``, or ``local_epochs`` passes of 1 / q Poisson steps each."""
+    return federation.local_epochs * math.ceil(1 / sample_rate) if federation.local_epochs else federation.local_steps
 
 
 def epsilon(accountant: str, sigma: float, sample_rate: float, steps: int, delta: float) -> float:
@@ -88,9 +88,11 @@ class LocalDP:
         """``prior``: (noise multiplier, DP-SGD steps) of the client's earlier rounds in this run, if any;
         ``seed``: only with ``privacy.reproducible_noise`` (else the OS's entropy seeds the generators)."""
         self.privacy, self.n = privacy, num_examples
-        self.batch_size = min(federation.batch_size, num_examples)
-        self.sample_rate = self.batch_size / num_examples
-        self.steps = steps_per_round(federation, num_examples)
+        # q: privacy.sample_rate, else batch_size / n; the expected (logical) batch q n, in physical chunks of
+        # batch_size (train_local)
+        self.sample_rate = privacy.sample_rate or min(federation.batch_size, num_examples) / num_examples
+        self.batch_size = max(1, round(self.sample_rate * num_examples))
+        self.steps = steps_per_round(federation, self.sample_rate)
         self.delta = privacy.delta if privacy.delta is not None else default_delta(num_examples)
         if self.delta >= 1.0 / num_examples:
             raise ValueError(f"privacy.delta = {self.delta:g} is not below 1/n = {1 / num_examples:g} for a client "
@@ -132,19 +134,26 @@ class LocalDP:
     @contextlib.contextmanager
     def attached(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
         """Per-example gradient hooks on the modules that train now, and Opacus' DP optimizer around
-        ``optimizer``; on exit the model is exactly as before."""
+        ``optimizer`` (per-group clipping with ``privacy.head_grad_norm``); on exit the model is as before."""
         from opacus.grad_sample import GradSampleModule
-        from opacus.optimizers import DPOptimizer
 
+        head = {id(p) for n, p in model.named_parameters() if n in getattr(model, "fedtt_head_keys", ())}
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
             wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=True)
             try:
-                yield DPOptimizer(optimizer, noise_multiplier=self.sigma, max_grad_norm=self.privacy.max_grad_norm,
-                                  expected_batch_size=self.batch_size, loss_reduction="mean",
-                                  generator=self.noise)
+                yield _group_clipped_optimizer()(
+                    optimizer, self.group_norms, lambda p: int(id(p) in head) if self.privacy.head_grad_norm else 0,
+                    noise_multiplier=self.sigma, expected_batch_size=self.batch_size, loss_reduction="mean",
+                    generator=self.noise)
             finally:
                 _detach(wrapped)
+
+    @property
+    def group_norms(self) -> list[float]:
+        """Clipping norms: [adapter, head] with ``head_grad_norm``, else one for every trained tensor."""
+        head = self.privacy.head_grad_norm
+        return [self.privacy.max_grad_norm] + ([head] if head else [])
 
     def noise_only(self, optimizer) -> None:
         """An empty Poisson batch still takes a step: zero per-example gradients, so the update is noise."""
@@ -160,6 +169,50 @@ class LocalDP:
         context.state[STATE] = ConfigRecord({"sigma": self.sigma, "steps": total})
         return {"epsilon": self.epsilon(total), "delta": self.delta, "dp-steps": total,
                 "noise-multiplier": self.sigma, "sample-rate": self.sample_rate}
+
+
+@lru_cache(maxsize=1)
+def _group_clipped_optimizer():
+    """Opacus' DPOptimizer with each example's gradient clipped per group of tensors (group g to its own norm C_g)
+    and each group noised for its own clip: std sigma * sqrt(k) * C_g with k groups. Whitened (group g divided by
+    sigma sqrt(k) C_g), this releases the sum with unit noise and a sensitivity of sqrt(k / (k sigma^2)) = 1 /
+    sigma: the Gaussian mechanism of multiplier sigma, so the accountant's epsilon is unchanged. A small-gradient
+    group (the adapter) thus gets noise on its own scale, not the head's (which one joint clip, or Opacus'
+    per-layer clipping with its one noise std, would give it). With one group this is Opacus' flat clipping."""
+    from opacus.optimizers import DPOptimizer
+    from opacus.optimizers.optimizer import _check_processed_flag, _generate_noise, _mark_as_processed
+
+    class GroupClippedOptimizer(DPOptimizer):
+        def __init__(self, optimizer, group_norms: list[float], group_of, **kwargs):
+            super().__init__(optimizer, max_grad_norm=math.sqrt(sum(c * c for c in group_norms)), **kwargs)
+            self.group_norms = group_norms
+            self.group_of = [group_of(p) for p in self.params]
+
+        def noise_std(self, group: int) -> float:
+            return self.noise_multiplier * math.sqrt(len(self.group_norms)) * self.group_norms[group]
+
+        def add_noise(self):
+            for p, g in zip(self.params, self.group_of):
+                _check_processed_flag(p.summed_grad)
+                noise = _generate_noise(std=self.noise_std(g), reference=p.summed_grad, generator=self.generator,
+                                        secure_mode=self.secure_mode)
+                p.grad = (p.summed_grad + noise).view_as(p)
+                _mark_as_processed(p.summed_grad)
+
+        def clip_and_accumulate(self):
+            samples = self.grad_samples
+            squares: dict[int, torch.Tensor] = {}
+            for g, sample in zip(self.group_of, samples):
+                squares[g] = squares.get(g, 0) + sample.flatten(1).float().pow(2).sum(-1)
+            factors = {g: (self.group_norms[g] / (s.sqrt() + 1e-6)).clamp(max=1.0) for g, s in squares.items()}
+            for p, g in zip(self.params, self.group_of):
+                _check_processed_flag(p.grad_sample)
+                sample = self._get_flat_grad_sample(p).to(p.dtype)
+                grad = torch.einsum("i,i...", factors[g].to(sample.device, p.dtype), sample)
+                p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
+                _mark_as_processed(p.grad_sample)
+
+    return GroupClippedOptimizer
 
 
 def _detach(wrapped) -> None:

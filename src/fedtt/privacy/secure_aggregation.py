@@ -34,12 +34,6 @@ STATE = "fedtt-secagg"   # context.state record of a client between the stages o
 MASKED = "masked"
 
 
-def layout(expected: dict[str, tuple[int, ...]], groups: dict[str, object]) -> tuple[list[str], list[str]]:
-    """The order of a masked vector: every tensor of the round (flattened), each group's mean square, the weight."""
-    names = list(expected)
-    return names, sorted({protocol.group_name(groups[n]) for n in names if groups.get(n) is not None})
-
-
 def round_params(privacy, num_clients: int) -> SecAggParams:
     shares = privacy.secagg_num_shares or num_clients
     holders = min(shares, num_clients)
@@ -50,12 +44,14 @@ def round_params(privacy, num_clients: int) -> SecAggParams:
 
 class SecureRound:
     """The server's side of one round. ``exchange(messages, schema) -> {node: parsed reply}`` sends queries,
-    counts their bytes and drops replies that do not parse; ``examples``: each node's count declared at join."""
+    counts their bytes and drops replies that do not parse; ``statistics``: the sorted names of the per-client
+    statistics masked after the update (FedTT+ group sizes, adaptive clipping's count); ``examples``: each node's
+    count declared at join. A masked vector is [the round's tensors in ``expected``'s order, the statistics, w]."""
 
     def __init__(self, config, server_round: int, exchange, expected: dict[str, tuple[int, ...]],
-                 groups: dict[str, object], examples: dict[int, int]):
+                 statistics: list[str], examples: dict[int, int]):
         self.config, self.round, self.exchange, self.examples = config, server_round, exchange, examples
-        self.names, self.group_names = layout(expected, groups)
+        self.names, self.group_names = list(expected), list(statistics)
         self.shapes = [expected[n] for n in self.names]
         self.length = sum(math.prod(s) for s in self.shapes) + len(self.group_names) + 1
         self.context = f"fedtt|{config.seed}|{server_round}".encode()
@@ -169,7 +165,7 @@ def client_share(msg: Message, context) -> Message:
 
 def client_mask(context, secagg: ConfigRecord, update: dict[str, np.ndarray], mean_squares: dict[str, float],
                 num_examples: int, uniform: bool, rng: np.random.Generator | None) -> ArrayRecord:
-    """The masked upload: [w * update (the round's tensors, in order), w * mean square per group, w] as uint32."""
+    """The masked upload: [w * update (the round's tensors, in order), w * each statistic (sorted by name), w]."""
     names, group_names = list(update), sorted(mean_squares)
     max_weight = int(secagg["max-weight"])
     weight = 1.0 if uniform else num_examples / max_weight
