@@ -25,6 +25,24 @@ def client_app_with(train) -> ClientApp:
     return app
 
 
+@pytest.fixture
+def server_inbox(monkeypatch) -> list:
+    """Every reply's content that reaches the server in an in-process run (error replies left out): what the
+    server sees, for the tests of docs/privacy.md's table."""
+    from fedtt.engines import inprocess
+
+    seen = []
+    real = inprocess.InProcessGrid.pull_messages
+
+    def spy(self, ids):
+        replies = list(real(self, ids))
+        seen.extend(r.content for r in replies if not r.has_error())
+        return replies
+
+    monkeypatch.setattr(inprocess.InProcessGrid, "pull_messages", spy)
+    return seen
+
+
 def pytest_collection_modifyitems(items):
     """``pytest -m "not slow"``: the everyday loop leaves out tests that start processes (Ray, SuperLink)."""
     for item in items:

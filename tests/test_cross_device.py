@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from fedtt.config import load_config
-from fedtt.engines import inprocess
 from fedtt.federated.codec import unpack
 from fedtt.privacy.client_dp import ClientDP
 from fedtt.run import run
@@ -18,24 +17,11 @@ XDEV = [*conftest.FAST, "task.max_eval_examples=20", "federation.local_steps=1",
 CLIENT_DP = ["privacy.client_dp=true", "privacy.client_dp_epsilon=8", "privacy.client_dp_clip=0.05"]
 
 
-@pytest.fixture
-def uploads(monkeypatch):
-    seen = []
-    real = inprocess.InProcessGrid.pull_messages
-
-    def spy(self, ids):
-        replies = list(real(self, ids))
-        seen.extend(r.content for r in replies if not r.has_error() and "wire" in r.content.config_records)
-        return replies
-
-    monkeypatch.setattr(inprocess.InProcessGrid, "pull_messages", spy)
-    return seen
-
-
-def test_client_level_dp_clips_every_upload_and_reports_the_user_level_epsilon_each_round(tmp_path, uploads):
+def test_client_level_dp_clips_every_upload_and_reports_the_user_level_epsilon_each_round(tmp_path, server_inbox):
     config = load_config(None, XDEV + CLIENT_DP)
     results = run(config, tmp_path)
     plan = ClientDP.of(config)
+    uploads = [c for c in server_inbox if "wire" in c.config_records]
     assert uploads  # the clients' uploads, each its whole update clipped to C before it left
     for content in uploads:
         update = unpack(content["arrays"], content["wire"])

@@ -22,9 +22,8 @@ from fedtt.federated.codec import pack, unpack
 from fedtt.federated.freezing import factor_groups
 from fedtt.federated.server_app import app as server_app
 from fedtt.federated.server_app import select
-from fedtt.federated.strategy import learning_rate
 from fedtt.federated.task import run_config_for
-from fedtt.learning.train import local_batches
+from fedtt.learning.train import learning_rate, local_batches
 from fedtt.models import load_backbone
 from fedtt.run import run
 

@@ -16,7 +16,6 @@ from safetensors.torch import load_file
 
 import fedtt
 from fedtt.config import load_config
-from fedtt.engines import inprocess
 from fedtt.engines.inprocess import run_inprocess
 from fedtt.federated import client_app as real_client
 from fedtt.federated.server_app import app as server_app
@@ -260,16 +259,8 @@ def test_uploads_are_masked_and_reveal_nothing_usable(masked_and_plain):
     assert abs(big[0, 1]) < 0.05
 
 
-def test_the_server_only_ever_receives_masked_arrays(tmp_path, monkeypatch):
-    seen = []
-    real = inprocess.InProcessGrid.pull_messages
-
-    def spy(self, ids):
-        replies = list(real(self, ids))
-        seen.extend(r.content for r in replies if not r.has_error())
-        return replies
-
-    monkeypatch.setattr(inprocess.InProcessGrid, "pull_messages", spy)
+def test_the_server_only_ever_receives_masked_arrays(tmp_path, server_inbox):
+    seen = server_inbox
     run(config(*SECURE, "method='fedtt+'", "privacy.dp=true", "privacy.noise_multiplier=0.5"), tmp_path)
     arrays = [content["arrays"] for content in seen if "arrays" in content.array_records]
     assert len(arrays) == 3

@@ -12,7 +12,6 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from safetensors.torch import load_file
 
 from fedtt.config import load_config
-from fedtt.engines import inprocess
 from fedtt.engines.inprocess import InProcessGrid
 from fedtt.federated import client_app as real_client
 from fedtt.federated.server_app import REPRODUCIBLE_WARNING
@@ -43,16 +42,8 @@ def test_dp_noise_and_batches_come_from_each_clients_own_entropy_unless_reproduc
     assert third["privacy"]["warning"] == REPRODUCIBLE_WARNING and "NOT hold against the server" in REPRODUCIBLE_WARNING
 
 
-def test_under_dp_no_clients_loss_reaches_the_server(tmp_path, monkeypatch):
-    seen = []
-    real = inprocess.InProcessGrid.pull_messages
-
-    def spy(self, ids):
-        replies = list(real(self, ids))
-        seen.extend(r.content for r in replies if not r.has_error())
-        return replies
-
-    monkeypatch.setattr(inprocess.InProcessGrid, "pull_messages", spy)
+def test_under_dp_no_clients_loss_reaches_the_server(tmp_path, server_inbox):
+    seen = server_inbox
     results = run(load_config(None, DP), tmp_path)
     metrics = [dict(c["metrics"]) for c in seen if "arrays" in c.array_records]
     assert len(metrics) == 3 and not any("train_loss" in m for m in metrics)

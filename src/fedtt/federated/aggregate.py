@@ -10,11 +10,24 @@ The merged global adapter is checked for finiteness after the float32 cast, so n
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
 from .protocol import SQ, group_name
+
+
+@dataclass
+class Reply:
+    """A train reply that parsed and passed its checks."""
+
+    node: int
+    partition: int
+    weight: float
+    metrics: dict
+    update: dict[str, np.ndarray] | None    # plain path
+    masked: np.ndarray | None               # secure aggregation
 
 
 def check_update(update: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]]) -> str | None:

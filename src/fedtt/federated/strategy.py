@@ -12,9 +12,7 @@ included); transport framing (gRPC / HTTP) is not.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -22,10 +20,12 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from ..config import Config
+from ..learning.train import learning_rate
 from ..privacy import client_dp
 from ..privacy.secagg import SecAggAbort
 from ..privacy.secure_aggregation import SecureRound
 from . import aggregate, protocol
+from .aggregate import Reply
 from .codec import pack, unpack
 from .freezing import FreezingPolicy, Group, round_keys
 from .protocol import ProtocolError
@@ -34,28 +34,6 @@ from .rounds import RoundStats
 from .sync import Sync
 
 logger = logging.getLogger("fedtt")
-
-
-def learning_rate(config: Config, server_round: int) -> float:
-    """The round's learning rate: linear warm-up, then constant, linear or cosine decay to 0 at the end."""
-    fed = config.federation
-    if server_round <= fed.warmup_rounds:
-        return fed.lr * server_round / (fed.warmup_rounds + 1)
-    progress = (server_round - fed.warmup_rounds - 1) / max(1, fed.rounds - fed.warmup_rounds)
-    factor = {"constant": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1 + math.cos(math.pi * progress))}
-    return fed.lr * factor[fed.lr_schedule]
-
-
-@dataclass
-class Reply:
-    """A train reply that parsed and passed its checks."""
-
-    node: int
-    partition: int
-    weight: float
-    metrics: dict
-    update: dict[str, np.ndarray] | None    # plain path
-    masked: np.ndarray | None               # secure aggregation
 
 
 class FedTTStrategy(FedAvg):
@@ -73,10 +51,8 @@ class FedTTStrategy(FedAvg):
         self.global_arrays: ArrayRecord | None = None
         self.secure: SecureRound | None = None
         self.sent: dict[int, list[Message]] = {}
-        # client-level DP: the run's plan, the current clip (adaptive clipping moves it), each partition's rounds
-        self.client_dp = client_dp.ClientDP.of(config) if config.privacy.client_dp else None
-        self.clip = self.client_dp.clip if self.client_dp else 0.0
-        self.participations: dict[int, int] = {}
+        self.client_dp = client_dp.ServerClientDP(client_dp.ClientDP.of(config), config.privacy.client_dp_placement
+                                                  == "server") if config.privacy.client_dp else None
         self.resumed_from = 0  # rounds done before this process (a resumed run): Flower counts rounds from 1
 
     def global_round(self, server_round: int) -> int:
@@ -101,8 +77,8 @@ class FedTTStrategy(FedAvg):
 
     def state_dict(self) -> dict:
         """What a resumed run needs to continue exactly: the sampler, the tensor versions, the FedTT+ policy."""
-        return {**self.roster.state_dict(), **self.sync.state_dict(), "clip": self.clip,
-                "participations": {str(k): v for k, v in self.participations.items()},
+        return {**self.roster.state_dict(), **self.sync.state_dict(),
+                "client_dp": self.client_dp.state_dict() if self.client_dp else None,
                 "dp_steps": {str(k): v for k, v in self.dp_steps.items()},
                 "policy": self.policy.state_dict() if self.policy else None}
 
@@ -110,8 +86,8 @@ class FedTTStrategy(FedAvg):
         self.roster.load_state_dict(state)
         self.sync.load_state_dict(state)
         self.dp_steps = {int(k): int(v) for k, v in state["dp_steps"].items()}
-        self.clip = float(state["clip"])
-        self.participations = {int(k): int(v) for k, v in state["participations"].items()}
+        if self.client_dp:
+            self.client_dp.load_state_dict(state["client_dp"])
         if self.policy is not None:
             self.policy.load_state_dict(state["policy"])
         self.resumed_from = completed_rounds
@@ -133,11 +109,8 @@ class FedTTStrategy(FedAvg):
     def _start(self, server_round: int, arrays: ArrayRecord) -> RoundStats:
         self.global_arrays, self.secure = arrays, None
         stats = self.rounds[server_round] = RoundStats(server_round)
-        if self.client_dp:  # every round counts in the accountant, a skipped one too (who was sampled decides it)
-            plan = self.client_dp
-            stats.client_dp = {"epsilon": plan.epsilon(server_round), "clip": self.clip,
-                               "noise_std": plan.sum_std(self.clip),
-                               "epsilon_unamplified": self._unamplified()}
+        if self.client_dp:
+            stats.client_dp = self.client_dp.record(server_round)
         return stats
 
     def _plan(self, stats: RoundStats, sampled: int) -> set[str]:
@@ -171,7 +144,7 @@ class FedTTStrategy(FedAvg):
         """The per-client statistics a reply carries beside its update (masked with it under SecAgg): each FedTT+
         group's update size, which client-level DP withholds (un-noised), and adaptive clipping's indicator."""
         if self.client_dp:
-            return [protocol.CLIP_BIT] if self.client_dp.count_noise else []
+            return [protocol.CLIP_BIT] if self.client_dp.plan.count_noise else []
         return sorted({protocol.group_name(self.groups[n]) for n in expected if self.groups.get(n) is not None})
 
     def _train_message(self, node: int, keys: set[str], stats: RoundStats, extra: ConfigRecord | None) -> Message:
@@ -184,7 +157,7 @@ class FedTTStrategy(FedAvg):
         if stats.groups is not None:
             config["groups"] = [protocol.group_name(g) for g in stats.groups]
         if self.client_dp:
-            config["client-dp-clip"] = self.clip
+            config["client-dp-clip"] = self.client_dp.clip
         content = RecordDict({"arrays": arrays, "wire": index, "config": config})
         if extra is not None:
             content["secagg"] = extra
@@ -253,7 +226,7 @@ class FedTTStrategy(FedAvg):
         if problem:
             raise ProtocolError(problem)
         if self.client_dp:  # the noise is calibrated to the clip: no reply may exceed it (wire rounding included)
-            update, _ = client_dp.clip(update, self.clip)
+            update, _ = client_dp.clip(update, self.client_dp.clip)
         return Reply(node, partition, weight, metrics, update, None)
 
     def _combine(self, stats: RoundStats, valid: list[Reply]):
@@ -269,8 +242,10 @@ class FedTTStrategy(FedAvg):
         else:
             deltas, squares, weight = aggregate.weighted_sums(
                 [(r.weight, r.update, aggregate.squares_of(r.metrics)) for r in valid])
-        if self.client_dp:
-            return self._privatise(stats, deltas, squares)
+        if self.client_dp:  # no per-client statistic is used but the clip count
+            mean = self.client_dp.release(deltas, squares.get(protocol.CLIP_BIT, 0.0))
+            stats.client_dp["next_clip"] = self.client_dp.clip
+            return mean, {}
         if weight <= 0:
             self._skip(stats, "the replies' weights sum to 0")
             return None
@@ -278,20 +253,6 @@ class FedTTStrategy(FedAvg):
         if fed.aggregator != "mean":
             mean = aggregate.robust_mean([r.update for r in valid], fed.aggregator, fed.trim_fraction)
         return mean, {g: s / weight for g, s in squares.items()}
-
-    def _privatise(self, stats: RoundStats, deltas: dict[str, np.ndarray], statistics: dict[str, float]):
-        """Client-level DP: the sum of clipped updates plus its noise (the server's draw, or already in from the
-        clients' shares), over the expected number of clients (a fixed denominator); adaptive clipping moves the
-        clip by the noised count. Per-client statistics are not used (there are none but the count)."""
-        plan = self.client_dp
-        server = self.config.privacy.client_dp_placement == "server"
-        noised = client_dp.add_noise(deltas, plan.noise_std(self.clip)) if server else deltas
-        if plan.count_noise:
-            count = statistics.get(protocol.CLIP_BIT, 0.0)
-            if server:
-                count = float(client_dp.add_noise({"count": np.array(count)}, plan.count_noise_std())["count"])
-            stats.client_dp["next_clip"] = self.clip = plan.next_clip(self.clip, count)
-        return {k: v / plan.expected_clients for k, v in noised.items()}, {}
 
     def _account(self, stats: RoundStats, valid: list[Reply], mean: dict[str, np.ndarray],
                  squares: dict[str, float]) -> None:
@@ -307,13 +268,9 @@ class FedTTStrategy(FedAvg):
             self.policy.observe(stats.round, agreement)
         for r in valid:
             self._account_privacy(r, stats)
-            self.participations[r.partition] = self.participations.get(r.partition, 0) + 1
         if self.client_dp:
-            stats.client_dp["epsilon_unamplified"] = self._unamplified()
-
-    def _unamplified(self) -> float:
-        """Client-level DP against whoever knows the sample: the most-sampled user's epsilon at q = 1."""
-        return self.client_dp.epsilon_unamplified(max(self.participations.values(), default=0))
+            self.client_dp.took_part(stats.partitions)
+            stats.client_dp["epsilon_unamplified"] = self.client_dp.unamplified()
 
     def _account_privacy(self, reply: Reply, stats: RoundStats) -> None:
         """A client's DP accounting as it reports it, recorded under the partition its node declared."""

@@ -80,3 +80,13 @@ def train_local(model: torch.nn.Module, data: Encoded, rows: np.ndarray, *, kind
                 history.append(loss.item())
     model.eval()
     return sum(history) / len(history) if history else math.nan
+
+
+def learning_rate(config, server_round: int) -> float:
+    """The round's learning rate: linear warm-up, then constant, linear or cosine decay to 0 at the end."""
+    fed = config.federation
+    if server_round <= fed.warmup_rounds:
+        return fed.lr * server_round / (fed.warmup_rounds + 1)
+    progress = (server_round - fed.warmup_rounds - 1) / max(1, fed.rounds - fed.warmup_rounds)
+    factor = {"constant": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1 + math.cos(math.pi * progress))}
+    return fed.lr * factor[fed.lr_schedule]

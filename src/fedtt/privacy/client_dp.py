@@ -226,3 +226,45 @@ class ClientDP:
         """Against whoever knows the sample (the server, the config's holders): q = 1 over the rounds the user
         took part in."""
         return epsilon(self.sigma, 1.0, participations, self.delta)
+
+
+class ServerClientDP:
+    """The server's side of a run's client-level DP: the current clip (adaptive clipping moves it), how often each
+    user took part, and the round's release: the clipped sum plus its noise over the expected clients."""
+
+    def __init__(self, plan: ClientDP, server_noise: bool):
+        self.plan, self.server_noise = plan, server_noise
+        self.clip = plan.clip
+        self.participations: dict[int, int] = {}
+
+    def record(self, server_round: int) -> dict:
+        """What results.json says of the round (every round counts, a skipped one too: who was sampled decides it)."""
+        return {"epsilon": self.plan.epsilon(server_round), "clip": self.clip,
+                "noise_std": self.plan.sum_std(self.clip), "epsilon_unamplified": self.unamplified()}
+
+    def release(self, total: dict[str, np.ndarray], count: float) -> dict[str, np.ndarray]:
+        """The round's mean update from the sum of clipped updates (its noise added here with the server
+        placement; already in from the clients' shares otherwise) and the summed clip indicators."""
+        plan = self.plan
+        if self.server_noise:
+            total = add_noise(total, plan.noise_std(self.clip))
+        if plan.count_noise:
+            if self.server_noise:
+                count = float(add_noise({"count": np.array(count)}, plan.count_noise_std())["count"])
+            self.clip = plan.next_clip(self.clip, count)
+        return {k: v / plan.expected_clients for k, v in total.items()}
+
+    def took_part(self, partitions: Sequence[int]) -> None:
+        for p in partitions:
+            self.participations[p] = self.participations.get(p, 0) + 1
+
+    def unamplified(self) -> float:
+        """Against whoever knows the sample: the most-sampled user's epsilon at q = 1."""
+        return self.plan.epsilon_unamplified(max(self.participations.values(), default=0))
+
+    def state_dict(self) -> dict:
+        return {"clip": self.clip, "participations": {str(k): v for k, v in self.participations.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.clip = float(state["clip"])
+        self.participations = {int(k): int(v) for k, v in state["participations"].items()}
