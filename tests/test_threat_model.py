@@ -7,6 +7,7 @@ import json
 
 import conftest
 import pytest
+import torch
 from flwr.app import Context, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from safetensors.torch import load_file
@@ -52,9 +53,9 @@ def test_under_dp_no_clients_loss_reaches_the_server(tmp_path, server_inbox):
     assert results["rounds"][0]["train_loss"] is None
 
 
-def run_with_sites(tmp_path, config, node_configs: dict[int, dict]):
+def run_with_sites(tmp_path, config, node_configs: dict[int, dict], app=real_client.app):
     """The real ServerApp and ClientApp in process, partition i's node config extended by ``node_configs[i]``."""
-    grid = InProcessGrid(real_client.app, config.federation.num_clients, run_config_for(config, str(tmp_path)))
+    grid = InProcessGrid(app, config.federation.num_clients, run_config_for(config, str(tmp_path)))
     for context in grid.contexts.values():
         context.node_config.update(node_configs.get(int(context.node_config["partition-id"]), {}))
     context = Context(run_id=grid.run.run_id, node_id=SUPERLINK_NODE_ID, node_config={}, state=RecordDict(),
@@ -88,3 +89,32 @@ def test_each_floor_refuses_what_is_weaker_and_accepts_what_meets_it(floor, over
                                     "privacy.secure_aggregation=true", "federation.min_replies=3"]))
     assert policy.min_clients(load_config(None, [])) == 3
     assert SitePolicy.of({"secagg-min-clients": 7}).min_clients(load_config(None, [])) == 7
+
+
+def test_a_restarted_site_keeps_its_spent_budget_from_its_own_record_and_the_server_cannot_lower_it(tmp_path):
+    """Partition 0 forgets its state after round 1 (a restarted SuperNode). With ``dp-record`` in its node config
+    it reads its steps back from its own disk, so it reports the epsilon of an uninterrupted run."""
+    config = load_config(None, [*DP[:-1], "privacy.noise_multiplier=1.0", "federation.rounds=2"])
+    records = {i: {"dp-record": str(tmp_path / f"site-{i}")} for i in range(3)}
+
+    def restarting(msg, context):
+        reply = real_client.train(msg, context)
+        if context.node_config["partition-id"] == 0 and msg.content["config"]["server-round"] == 1:
+            context.state = RecordDict()
+        return reply
+
+    steady = run_with_sites(tmp_path / "steady", config, records)
+    restarted = run_with_sites(tmp_path / "restarted", config, {i: {"dp-record": str(tmp_path / f"again-{i}")}
+                                                               for i in range(3)},
+                               app=conftest.client_app_with(restarting))
+    assert restarted["privacy"]["epsilon"]["0"] == pytest.approx(steady["privacy"]["epsilon"]["0"])
+    assert restarted["rounds"][1]["epsilon"]["0"] > restarted["rounds"][0]["epsilon"]["0"]
+    # a server reporting fewer steps than the site's own record does not lower what the site accounts
+    from fedtt.federated.client_app import dp_record
+    from fedtt.privacy.dp import LocalDP
+
+    record = dp_record(records[0], config)
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    dp = LocalDP.for_round(config.privacy, config.federation, context, 100, 0, torch.device("cpu"), 0,
+                           record=record)
+    assert dp.prior_steps == json.loads(record.read_text())["steps"] == 4 and dp.sigma == 1.0

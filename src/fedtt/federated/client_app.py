@@ -18,6 +18,7 @@ import hashlib
 import os
 import random
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -93,6 +94,15 @@ def _partitions(config_toml: str) -> list[np.ndarray]:
     return build_data(config_from_run_config({CONFIG_KEY: config_toml})).partitions
 
 
+def dp_record(node_config, config) -> Path | None:
+    """Deployment: this site's DP accountant on its own disk (node config ``dp-record``: a directory), one file
+    per experiment (a digest of its config), so a restarted SuperNode keeps its spent budget."""
+    if "dp-record" not in node_config:
+        return None
+    digest = hashlib.sha256(config.to_toml().encode()).hexdigest()[:16]
+    return Path(os.path.expanduser(str(node_config["dp-record"]))) / f"dp-{digest}.json"
+
+
 def client_seed(seed: int, server_round: int, partition_id: int) -> int:
     """Each client's batches and dropout differ per round, and a seed reproduces all of them. Nothing that protects
     a client is drawn from it (DP noise, Poisson batches, SecAgg rounding), unless privacy.reproducible_noise."""
@@ -147,7 +157,7 @@ def train(msg: Message, context: Context) -> Message:
     if random.Random(seed ^ DROPOUT_SALT).random() < cfg.federation.dropout_rate:
         raise SimulatedDropout(f"simulated drop-out (federation.dropout_rate = {cfg.federation.dropout_rate:g})")
     dp = LocalDP.for_round(cfg.privacy, cfg.federation, context, len(rows), config["dp-prior-steps"], exp.device,
-                           seed) if cfg.privacy.dp else None
+                           seed, dp_record(context.node_config, cfg)) if cfg.privacy.dp else None
     loss = exp.train_local(data, rows, seed=seed, lr=config["lr"], dp=dp,
                            desc=f"round {server_round} client {partition_id}")
 

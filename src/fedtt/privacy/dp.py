@@ -27,13 +27,17 @@ client's per-example gradients).
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import secrets
 import warnings
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 from flwr.app import ConfigRecord
+
+from ..files import atomic_write
 
 STATE = "fedtt-dp"  # context.state record: this client's noise multiplier and the DP-SGD steps it has taken
 NOISE_SALT = 0x5DEECE66D  # reproducible_noise: the noise seed differs from the sampling seed
@@ -101,6 +105,7 @@ class LocalDP:
         if self.sigma is None:
             self.sigma = privacy.noise_multiplier if privacy.noise_multiplier is not None else calibrated_sigma(
                 privacy.accountant, privacy.target_epsilon, self.delta, self.sample_rate, rounds * self.steps)
+        self.record: Path | None = None  # the site's record file (for_round)
         sampling, noise = (secrets.randbits(63), secrets.randbits(63)) if seed is None else (seed, seed ^ NOISE_SALT)
         self.sampling = torch.Generator().manual_seed(sampling)
         self.noise = torch.Generator(device=device).manual_seed(noise)
@@ -112,16 +117,21 @@ class LocalDP:
 
     @classmethod
     def for_round(cls, privacy, federation, context, num_examples: int, server_steps: int, device: torch.device,
-                  seed: int) -> LocalDP:
-        """The round's DP-SGD from the client's own record (noise multiplier, steps so far). ``server_steps``, the
-        server's count of this client's earlier steps, is used only where it is larger (the client lost its
-        state): it can raise the accounted epsilon, never lower it, and never sets the noise."""
+                  seed: int, record: Path | None = None) -> LocalDP:
+        """The round's DP-SGD from the client's own record (noise multiplier, steps so far): its state, or the
+        file ``record`` on its own disk (a site's node config ``dp-record``: it survives a restart), whichever
+        counts more. ``server_steps``, the server's count of this client's earlier steps, is used only where it
+        is larger (the client lost both): it can raise the accounted epsilon, never lower it or set the noise."""
         own = context.state[STATE] if STATE in context.state.config_records else None
+        saved = json.loads(record.read_text()) if record is not None and record.is_file() else None
+        own = max((r for r in (own, saved) if r), key=lambda r: int(r["steps"]), default=None)
         steps = max(int(own["steps"]) if own else 0, server_steps)
         sigma = float(own["sigma"]) if own else None
         prior = None if sigma is None and steps == 0 else (sigma, steps)
-        return cls(privacy, federation, num_examples, federation.rounds, prior, device,
-                   seed if privacy.reproducible_noise else None)
+        dp = cls(privacy, federation, num_examples, federation.rounds, prior, device,
+                 seed if privacy.reproducible_noise else None)
+        dp.record = record
+        return dp
 
     def epsilon(self, steps: int) -> float:
         return epsilon(self.privacy.accountant, self.sigma, self.sample_rate, steps, self.delta)
@@ -167,6 +177,9 @@ class LocalDP:
         """Record the round's steps in the client's state; the metrics its reply carries."""
         total = self.prior_steps + self.steps
         context.state[STATE] = ConfigRecord({"sigma": self.sigma, "steps": total})
+        if self.record is not None:
+            self.record.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.record, json.dumps({"sigma": self.sigma, "steps": total}))
         return {"epsilon": self.epsilon(total), "delta": self.delta, "dp-steps": total,
                 "noise-multiplier": self.sigma, "sample-rate": self.sample_rate}
 
