@@ -43,6 +43,22 @@ def server_inbox(monkeypatch) -> list:
     return seen
 
 
+def flip_test_labels(monkeypatch) -> None:
+    """Every task loaded from now on has its test labels flipped (binary tasks): no choice may change."""
+    from fedtt import data as data_module
+    from fedtt.federated import task as task_module
+
+    real = data_module.load_task  # task.py imports it where it loads a task
+
+    def flipped(*args, **kwargs):
+        data = real(*args, **kwargs)
+        data.test = data.test.map(lambda row: {"label": 1 - row["label"]})
+        return data
+
+    monkeypatch.setattr(data_module, "load_task", flipped)
+    task_module._build_experiment.cache_clear()
+
+
 def pytest_collection_modifyitems(items):
     """``pytest -m "not slow"``: the everyday loop leaves out tests that start processes (Ray, SuperLink)."""
     for item in items:

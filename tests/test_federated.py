@@ -12,7 +12,6 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from safetensors.torch import load_file
 
 import fedtt
-import fedtt.data as data_module
 import fedtt.federated.task as task_module
 from fedtt.cli import main
 from fedtt.config import load_config
@@ -98,15 +97,7 @@ def test_the_selected_round_is_the_validation_argmax(spam_run):
 def test_changing_the_test_labels_changes_no_choice(tmp_path, monkeypatch):
     base = config("method='lora'", "federation.rounds=3", "federation.local_steps=4", "federation.lr=1e-2")
     plain = run(base, tmp_path / "plain")
-    real = data_module.load_task  # task.py imports it where it loads a task
-
-    def flipped(*args, **kwargs):
-        data = real(*args, **kwargs)
-        data.test = data.test.map(lambda row: {"label": 1 - row["label"]})
-        return data
-
-    monkeypatch.setattr(data_module, "load_task", flipped)
-    task_module._build_experiment.cache_clear()
+    conftest.flip_test_labels(monkeypatch)
     other = run(base, tmp_path / "flipped")
     task_module._build_experiment.cache_clear()
     assert other["selected"]["round"] == plain["selected"]["round"]

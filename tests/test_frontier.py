@@ -6,9 +6,9 @@ import csv
 import json
 import math
 
+import conftest
 import pytest
 
-import fedtt.data as data_module
 import fedtt.federated.task as task_module
 from fedtt.cli import main
 from fedtt.compare import LR_EXTENSIONS, adaptive_lr, compare
@@ -49,23 +49,13 @@ def test_the_default_search_extends_its_grid_past_an_edge_up_to_a_limit():
     assert LR_EXTENSIONS == 2
 
 
-def flip_test_labels(monkeypatch):
-    real = data_module.load_task  # task.py imports it where it loads a task
-
-    def flipped(*args, **kwargs):
-        data = real(*args, **kwargs)
-        data.test = data.test.map(lambda row: {"label": 1 - row["label"]})
-        return data
-
-    monkeypatch.setattr(data_module, "load_task", flipped)
-    task_module._build_experiment.cache_clear()
 
 
 def test_compare_tunes_each_rate_on_validation_and_the_test_labels_change_no_choice(tmp_path, monkeypatch, tiny):
     # From 0.03 the search tries 0.01, 0.03, 0.09; validation is best at the edge (0.09), so it tries 0.27 too.
     setting = [*tiny, "federation.rounds=2", "federation.local_steps=3", "federation.lr=0.03"]
     plain = compare(None, setting, ["lora"], tmp_path / "plain", quick=True)
-    flip_test_labels(monkeypatch)
+    conftest.flip_test_labels(monkeypatch)
     other = compare(None, setting, ["lora"], tmp_path / "flipped", quick=True)
     task_module._build_experiment.cache_clear()
     table = {d: list(csv.DictReader((tmp_path / d / "tune" / "tune.csv").open())) for d in ("plain", "flipped")}
