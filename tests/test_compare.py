@@ -49,7 +49,7 @@ def test_tune_picks_each_methods_value_on_validation_only(tmp_path):
 def test_resumed_sweep_reuses_finished_runs_and_continues_stopped_ones(tmp_path, capsys):
     two_rounds = [*TINY, "federation.rounds=2"]
     tune(None, TINY, ["lora"], {"federation.lr": ["1e-3"]}, tmp_path, seeds=[0])
-    finished = tmp_path / "lora@lr=1e-3" / "lora" / "results.json"
+    finished = tmp_path / "lora@lr=1e-3" / "lora" / "seed-0" / "results.json"
     before = finished.read_text()
     assert json.loads(before)["code"] == [code_version()]  # the code that made the run
     capsys.readouterr()

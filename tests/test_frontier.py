@@ -49,6 +49,16 @@ def test_the_default_search_extends_its_grid_past_an_edge_up_to_a_limit():
     assert LR_EXTENSIONS == 2
 
 
+def test_tuning_on_the_first_seed_runs_only_the_chosen_rate_on_the_others(tmp_path, capsys, tiny):
+    runs = compare(None, [*tiny, "federation.lr=0.03"], ["lora"], tmp_path, quick=True, seeds=[0, 1], tune_seeds=1)
+    rows = list(csv.DictReader((tmp_path / "tune" / "tune.csv").open()))
+    assert [row["n"] for row in rows if row["chosen"] == "True"] == ["2"]
+    assert {row["n"] for row in rows if row["chosen"] == "False"} == {"1"} and len(rows) >= 3
+    assert [r["seed"] for r in runs] == [0, 1]
+    out = capsys.readouterr().out
+    assert out.count("== lora (seed 0) ==") == len(rows) and out.count("== lora (seed 1) ==") == 1  # none twice
+    chosen = next(row for row in rows if row["chosen"] == "True")
+    assert {r["rounds"][0]["lr"] for r in runs} == {float(chosen["federation.lr"])}
 
 
 def test_compare_tunes_each_rate_on_validation_and_the_test_labels_change_no_choice(tmp_path, monkeypatch, tiny):

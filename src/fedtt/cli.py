@@ -52,7 +52,8 @@ def _list(text: str) -> list[str]:
 def _sweep(args) -> tuple[str, dict]:
     """A sweep command's output directory and the options every sweep takes."""
     out = args.out or f"runs/{args.command}-{Path(args.config).stem if args.config else 'default'}"
-    return out, {"quick": args.quick, "overwrite": args.overwrite, "seeds": _seeds(args.seeds), "resume": args.resume}
+    return out, {"quick": args.quick, "overwrite": args.overwrite, "seeds": _seeds(args.seeds), "resume": args.resume,
+                 "tune_seeds": args.tune_seeds}
 
 
 def cmd_compare(args) -> None:
@@ -216,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
         p.add_argument("--resume", action="store_true", help="continue a killed sweep: reuse the runs in --out "
                                                              "that finished, resume those that stopped")
+        p.add_argument("--tune-seeds", type=int, default=0 if name == "tune" else 1, metavar="N",
+                       help="choose on the first N seeds only, then run the chosen values on the rest "
+                            "(0: every seed; default: %(default)s)")
         if name != "tune":
             p.add_argument("--no-tune", action="store_true",
                            help=f"by default {search}; --no-tune runs each method at its own rate")

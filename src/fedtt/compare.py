@@ -67,9 +67,9 @@ def dir_name(spec: str) -> str:
     return spec.replace(":", "-").replace("+", "plus")
 
 
-def run_dir(out_dir: Path, spec: str, seed: int, seeds: list[int]) -> Path:
-    name = dir_name(spec)
-    return out_dir / name if len(seeds) == 1 else out_dir / name / f"seed-{seed}"
+def run_dir(out_dir: Path, spec: str, seed: int) -> Path:
+    # one layout for any number of seeds: a search that tuned on the first seed then finds that run in place
+    return out_dir / dir_name(spec) / f"seed-{seed}"
 
 
 def run_or_continue(config: Config, out_dir: Path, overwrite: bool, resume: bool) -> dict:
@@ -133,12 +133,14 @@ def spec_overrides(config_path: str | None, overrides: list[str], spec: str, qui
 
 def compare(config_path: str | None, overrides: list[str], methods: list[str], out_dir: str | Path,
             quick: bool = False, overwrite: bool = False, seeds: list[int] = (0,),
-            tuned: dict[str, list[str]] | None = None, resume: bool = False, tune_lr: bool = True) -> list[dict]:
+            tuned: dict[str, list[str]] | None = None, resume: bool = False, tune_lr: bool = True,
+            tune_seeds: int = 0) -> list[dict]:
     """Every method on every seed; writes comparison.{md,csv,png} and returns the runs' results.
 
     Unless ``tuned`` gives each method's values (an earlier ``tune``) or ``tune_lr`` is False, each method's
-    learning rate is first chosen on validation (``tune`` without a grid, written to ``out_dir/tune``), and the runs
-    compared are the search's runs at the chosen rate: nothing runs twice."""
+    learning rate is first chosen on validation (``tune`` without a grid, written to ``out_dir/tune``, on the first
+    ``tune_seeds`` seeds; 0: all), and the runs compared are the search's runs at the chosen rate: nothing runs
+    twice."""
     out_dir, seeds = Path(out_dir), list(seeds)
     sweep = {"quick": quick, "overwrite": overwrite, "seeds": seeds, "resume": resume}
     plans = {}
@@ -147,7 +149,7 @@ def compare(config_path: str | None, overrides: list[str], methods: list[str], o
         for seed in seeds:
             plans[spec, seed] = load_config(config_path, extra + [f"seed={seed}"])
     if tuned is None and tune_lr:
-        table, _ = search(config_path, overrides, methods, None, out_dir / "tune", **sweep)
+        table, _ = search(config_path, overrides, methods, None, out_dir / "tune", tune_seeds=tune_seeds, **sweep)
         runs = [results for row in table if row["chosen"] for results in row["runs"]]
         write_comparison(runs, out_dir)
         summary = "\n".join(tuning_summary(table, [LR_KEY]))
@@ -158,7 +160,7 @@ def compare(config_path: str | None, overrides: list[str], methods: list[str], o
     runs = []
     for (spec, seed), config in plans.items():
         print(f"== {spec} (seed {seed}) ==", flush=True)
-        results = run_or_continue(config, run_dir(out_dir, spec, seed, seeds), overwrite, resume)
+        results = run_or_continue(config, run_dir(out_dir, spec, seed), overwrite, resume)
         runs.append({**results, "label": spec})
     write_comparison(runs, out_dir)
     return runs
@@ -178,25 +180,31 @@ def parse_grid(assignments: list[str], option: str = "--grid", example: str = "f
 
 def tune(config_path: str | None, overrides: list[str], methods: list[str], grid: dict[str, list[str]] | None,
          out_dir: str | Path, quick: bool = False, overwrite: bool = False, seeds: list[int] = (0,),
-         resume: bool = False, by: str = "selected") -> dict:
+         resume: bool = False, by: str = "selected", tune_seeds: int = 0) -> dict:
     """For each method, every grid point (no grid: ``adaptive_lr`` around the method's rate) on every seed; the
     chosen point per method is the one with the best mean validation metric at each run's validation-selected
     round (``by="selected"``) or at its final round (``by="final"``). Writes tune.md, tune.csv (both means, the
     cost) and tuned.json; returns each method's chosen ``key=value``s."""
-    return search(config_path, overrides, methods, grid, out_dir, by, quick=quick, overwrite=overwrite,
+    return search(config_path, overrides, methods, grid, out_dir, by, tune_seeds, quick=quick, overwrite=overwrite,
                   seeds=seeds, resume=resume)[1]
 
 
 def search(config_path: str | None, overrides: list[str], methods: list[str], grid: dict[str, list[str]] | None,
-           out_dir: str | Path, by: str = "selected", **sweep) -> tuple[list[dict], dict]:
-    """``tune``, returning its table too: a row per grid point with its runs (``"runs"``) and ``"chosen"``."""
+           out_dir: str | Path, by: str = "selected", tune_seeds: int = 0, **sweep) -> tuple[list[dict], dict]:
+    """``tune``, returning its table too: a row per grid point with its runs (``"runs"``) and ``"chosen"``.
+
+    With ``tune_seeds`` (0: every seed), the grid runs on the first ``tune_seeds`` seeds only, and the chosen
+    point then on the rest too: its row then holds every seed's runs (n says how many)."""
     if by not in ("selected", "final"):
         raise ValueError(f"--by {by!r}: choose by the 'selected' round's validation metric or the 'final' round's")
     out_dir = Path(out_dir)
+    if tune_seeds < 0:
+        raise ValueError(f"--tune-seeds {tune_seeds}: give the number of seeds to tune on (0: every seed)")
+    tuning = {**sweep, "seeds": list(sweep["seeds"])[:tune_seeds or None]}
     table, chosen = [], {}
     for spec in methods:
         def score(point, spec=spec):
-            return _grid_point(config_path, overrides, spec, point, out_dir, by, **sweep)
+            return _grid_point(config_path, overrides, spec, point, out_dir, by, **tuning)
 
         if grid:
             rows = [score(list(zip(grid, values))) for values in itertools.product(*grid.values())]
@@ -204,6 +212,9 @@ def search(config_path: str | None, overrides: list[str], methods: list[str], gr
         else:
             start = load_config(config_path, spec_overrides(config_path, overrides, spec, sweep["quick"]))
             rows, best = adaptive_lr(start.federation.lr, score)
+        if rest := list(sweep["seeds"])[len(tuning["seeds"]):]:
+            best.update(_grid_point(config_path, overrides, spec, best["point"], out_dir, by, done=best["runs"],
+                                    **{**sweep, "seeds": rest}))
         for row in rows:
             row["chosen"] = row is best
         chosen[spec] = best["assignment"]
@@ -235,12 +246,16 @@ def _rate(start: float, k: int) -> str:
 
 
 def _grid_point(config_path: str | None, overrides: list[str], spec: str, point: list[tuple[str, str]],
-                out_dir: Path, by: str, **sweep) -> dict:
-    """One grid point of a method over every seed: its row of the tuning table (validation only) and its runs."""
+                out_dir: Path, by: str, done: list[dict] = (), **sweep) -> dict:
+    """One grid point of a method over the sweep's seeds, after the runs ``done`` on earlier seeds: its row of the
+    tuning table (validation only) and all its runs."""
     assignment = [f"{k}={v}" for k, v in point]
     name = spec + "".join(f"@{k.split('.')[-1]}={v}" for k, v in point)
     print(f"== tuning {spec}: {' '.join(assignment)} ==", flush=True)
-    runs = compare(config_path, overrides + assignment, [spec], out_dir / dir_name(name), tune_lr=False, **sweep)
+    where = out_dir / dir_name(name)
+    runs = [*done, *compare(config_path, overrides + assignment, [spec], where, tune_lr=False, **sweep)]
+    if done:
+        write_comparison(runs, where)
     metric, higher = runs[0]["selection"]["metric"], runs[0]["selection"]["higher_is_better"]
     row = {"method": spec, **dict(point), "metric": metric}
     for name, values in (("validation", [r["selected"]["validation"][metric] for r in runs]),
@@ -249,7 +264,7 @@ def _grid_point(config_path: str | None, overrides: list[str], spec: str, point:
         row[f"{name}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
     score = row["validation_mean" if by == "selected" else "final_mean"]
     return {**row, "n": len(runs), "seconds": sum(r["wall_seconds"] for r in runs),
-            "score": score if higher else -score, "assignment": assignment, "runs": runs}
+            "score": score if higher else -score, "point": point, "assignment": assignment, "runs": runs}
 
 
 def tuning_summary(table: list[dict], keys: list[str]) -> list[str]:

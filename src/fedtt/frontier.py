@@ -52,14 +52,14 @@ TARGET_FRACTION = 0.95
 def frontier(config_path: str | None, overrides: list[str], methods: list[str], out_dir: str | Path,
              quick: bool = False, overwrite: bool = False, seeds: list[int] = (0,), resume: bool = False,
              sizes: dict[str, list[str]] | None = None, wire_dtypes: list[str] | None = None,
-             fraction: float = TARGET_FRACTION, tune_lr: bool = True) -> list[dict]:
+             fraction: float = TARGET_FRACTION, tune_lr: bool = True, tune_seeds: int = 0) -> list[dict]:
     """Every method at each of its sizes (``sizes`` replaces a method's values) and wire dtypes (default: both;
     ``quick``: float32); writes frontier.{md,csv,png} and returns the table's rows."""
     if not 0 < fraction <= 1:
         raise ValueError(f"--target {fraction}: the target is a fraction of the reference; use a value in (0, 1]")
     out_dir, seeds = Path(out_dir), list(seeds)
     wire_dtypes = list(wire_dtypes or WIRE_DTYPES[: 1 if quick else None])
-    sweep = {"quick": quick, "overwrite": overwrite, "seeds": seeds, "resume": resume}
+    sweep = {"quick": quick, "overwrite": overwrite, "seeds": seeds, "resume": resume, "tune_seeds": tune_seeds}
     plan = _plan(methods, sizes or {}, quick)
     for (spec, size), wire in itertools.product(plan, wire_dtypes):  # all validated before the first run starts
         load_config(config_path, spec_overrides(config_path, [*overrides, *size, f"{WIRE_KEY}={wire}"], spec, quick))
