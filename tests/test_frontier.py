@@ -139,3 +139,14 @@ def test_frontier_quick_end_to_end(tmp_path, capsys, tiny):
     assert "MB to target" in md and "chose federation.lr=" in md
     assert (tmp_path / "frontier.png").stat().st_size > 10_000
     assert (tmp_path / "lora" / "rank=2" / "float32" / "tune.md").is_file()
+    # A longer sweep at the rates that search chose: no search runs; a point it did not search keeps its own rate.
+    argv = ["frontier", "--methods", "lora", "--sizes", "lora=2,4", "--wire-dtypes", "float32", "--tuned",
+            str(tmp_path), "--out", str(tmp_path / "long")] + [a for o in [*tiny, "federation.rounds=2"]
+                                                              for a in ("--set", o)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "== tuning" not in out and out.count("== lora (seed 0) ==") == 2
+    rank2, rank4 = list(csv.DictReader((tmp_path / "long" / "frontier.csv").open()))
+    assert rank2["lr"] == lora32["lr"] and float(rank4["lr"]) == 1e-3 and rank2["tuning_runs"] == "0"
+    md = (tmp_path / "long" / "frontier.md").read_text()
+    assert "chose federation.lr=" in md and "in an earlier search" in md and "its method's own rate" in md

@@ -73,7 +73,7 @@ def cmd_frontier(args) -> None:
     out, sweep = _sweep(args)
     sizes = parse_grid(args.sizes, "--sizes", "lora=1,8")
     rows = frontier(args.config, args.set, _list(args.methods), out, sizes=sizes, wire_dtypes=_list(args.wire_dtypes),
-                    fraction=args.target, tune_lr=not args.no_tune, **sweep)
+                    fraction=args.target, tune_lr=not args.no_tune, tuned_dir=args.tuned, **sweep)
     print((Path(out) / "frontier.md").read_text())
     print(f"{len(rows)} points; outputs in {out}/ (frontier.md, frontier.csv, frontier.png)")
 
@@ -241,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
                                 + " (freezing.max_groups 0: every group)")
             p.add_argument("--wire-dtypes", default="", help="comma-separated federation.wire_dtype values; the "
                            "learning rate is chosen at the first (default: float32,float16)")
+            p.add_argument("--tuned", metavar="DIR", help="take each point's rate from the search of an earlier "
+                           "`fedtt frontier --out DIR` (e.g. at the --quick budget); a point without one runs at its "
+                           "method's own rate")
             p.add_argument("--target", type=float, default=TARGET_FRACTION,
                            help="MB to target: the target is this fraction of the best mean validation metric of "
                                 "any point (default: %(default)s)")

@@ -29,7 +29,7 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .compare import LR_KEY, compare, dir_name, search, spec_overrides, tuning_line
+from .compare import LR_KEY, TUNED_FILE, compare, dir_name, read_tuned, search, spec_overrides, tuning_line
 from .config import load_config
 from .files import atomic_write
 from .report import DPI, FIGSIZE, format_bytes, format_mean_std, md_table, mean_and_std
@@ -52,9 +52,13 @@ TARGET_FRACTION = 0.95
 def frontier(config_path: str | None, overrides: list[str], methods: list[str], out_dir: str | Path,
              quick: bool = False, overwrite: bool = False, seeds: list[int] = (0,), resume: bool = False,
              sizes: dict[str, list[str]] | None = None, wire_dtypes: list[str] | None = None,
-             fraction: float = TARGET_FRACTION, tune_lr: bool = True, tune_seeds: int = 0) -> list[dict]:
+             fraction: float = TARGET_FRACTION, tune_lr: bool = True, tune_seeds: int = 0,
+             tuned_dir: str | Path | None = None) -> list[dict]:
     """Every method at each of its sizes (``sizes`` replaces a method's values) and wire dtypes (default: both;
-    ``quick``: float32); writes frontier.{md,csv,png} and returns the table's rows."""
+    ``quick``: float32); writes frontier.{md,csv,png} and returns the table's rows.
+
+    ``tuned_dir``: an earlier frontier's ``--out`` (e.g. at a cheaper budget) whose search chose each point's
+    rate; a point it has no search for runs at its method's own rate. No search runs."""
     if not 0 < fraction <= 1:
         raise ValueError(f"--target {fraction}: the target is a fraction of the reference; use a value in (0, 1]")
     out_dir, seeds = Path(out_dir), list(seeds)
@@ -69,9 +73,14 @@ def frontier(config_path: str | None, overrides: list[str], methods: list[str], 
         first, *others = wire_dtypes
         shared = [*overrides, *size]
         print(f"=== frontier: {spec} {_size_name(size)} ===", flush=True)
-        runs, tuning = _runs_at_best_rate(config_path, [*shared, f"{WIRE_KEY}={first}"], spec, where / first,
-                                          tune_lr, sweep)
-        lr = next(row["assignment"] for row in tuning if row["chosen"]) if tuning else []
+        if tuned_dir is None:
+            runs, tuning = _runs_at_best_rate(config_path, [*shared, f"{WIRE_KEY}={first}"], spec, where / first,
+                                              tune_lr, sweep)
+            lr = next(row["assignment"] for row in tuning if row["chosen"]) if tuning else []
+        else:
+            lr, tuning = _earlier_choice(Path(tuned_dir) / where.relative_to(out_dir) / first, spec)
+            runs = compare(config_path, [*shared, *lr, f"{WIRE_KEY}={first}"], [spec], where / first,
+                           tune_lr=False, **sweep)
         points.append(_point(config_path, [*shared, *lr], spec, size, first, runs, tuning, quick))
         for wire in others:
             runs = compare(config_path, [*shared, *lr, f"{WIRE_KEY}={wire}"], [spec], where / wire, tune_lr=False,
@@ -111,6 +120,15 @@ def _runs_at_best_rate(config_path, overrides, spec, out_dir: Path, tune_lr: boo
     return next(row["runs"] for row in table if row["chosen"]), table
 
 
+def _earlier_choice(search_dir: Path, spec: str) -> tuple[list[str], list[dict] | str]:
+    """The rate an earlier search in ``search_dir`` chose for ``spec`` and where it came from; none there: the
+    method's own rate."""
+    if not (search_dir / TUNED_FILE).is_file():
+        return [], f"its method's own rate ({search_dir} holds no search for this point)"
+    chosen = read_tuned(search_dir)[spec]
+    return chosen, f"chose {' '.join(chosen)} in an earlier search ({search_dir / 'tune.md'})"
+
+
 def _point(config_path, overrides, spec, size, wire, runs, tuning, quick) -> dict:
     """A point before its target is known: what it is, its runs, its rate and what choosing the rate cost."""
     config = load_config(config_path, spec_overrides(config_path, overrides, spec, quick))
@@ -122,13 +140,15 @@ def _point(config_path, overrides, spec, size, wire, runs, tuning, quick) -> dic
 
 def to_target(results: dict, target: float) -> tuple[float, float] | None:
     """(cumulative MB, test metric) at the first round whose *validation* metric reaches ``target``; None when no
-    round does. Round 0 (the backbone, nothing sent yet) counts at 0 MB."""
+    round does. Round 0 (the backbone, nothing sent yet) counts at 0 MB; rounds without an evaluation
+    (``federation.eval_every``) are passed over, their bytes counted."""
     metric, higher = results["selection"]["metric"], results["selection"]["higher_is_better"]
     initial, total = results.get("initial"), 0
     steps = [(0, initial["validation"], initial["test"])] if initial else []
     for entry in results["rounds"]:
         total += entry["bytes_up"] + entry["bytes_down"]
-        steps.append((total, entry["validation"], entry["eval"]))
+        if "validation" in entry:
+            steps.append((total, entry["validation"], entry["eval"]))
     for sent, validation, test in steps:
         if validation[metric] >= target if higher else validation[metric] <= target:
             return sent / 1e6, test[metric]
@@ -140,6 +160,11 @@ def pareto(points: list[tuple[float, float]]) -> list[bool]:
     quality at most its cost, and is better in one."""
     return [not any(q >= quality and c <= cost and (q, c) != (quality, cost) for q, c in points)
             for quality, cost in points]
+
+
+def _search(point: dict) -> list[dict]:
+    """The rows of the search this sweep ran for ``point`` (none when its rate came from elsewhere)."""
+    return [] if isinstance(point["tuning"], str) else point["tuning"]
 
 
 def frontier_rows(points: list[dict], fraction: float) -> tuple[list[dict], float, float]:
@@ -155,8 +180,8 @@ def frontier_rows(points: list[dict], fraction: float) -> tuple[list[dict], floa
                      "validation_selected_mean": statistics.fmean(r["selected"]["validation"][metric] for r in runs),
                      "bytes_per_round": statistics.fmean(r["total_bytes"] / len(r["rounds"]) for r in runs),
                      "cumulative_mb": statistics.fmean(r["total_bytes"] for r in runs) / 1e6,
-                     "tuning_runs": sum(row["n"] for row in point["tuning"]),
-                     "tuning_seconds": sum(row["seconds"] for row in point["tuning"])})
+                     "tuning_runs": sum(row["n"] for row in _search(point)),
+                     "tuning_seconds": sum(row["seconds"] for row in _search(point))})
     reference = (max if higher else min)(row["validation_selected_mean"] for row in rows)
     target = reference * fraction if higher else reference / fraction
     for row, point in zip(rows, points):
@@ -206,7 +231,8 @@ def _markdown(rows: list[dict], points: list[dict], target: str, title: str) -> 
                       format_bytes(round(row["bytes_per_round"])), f"{row['cumulative_mb']:.3f}", to_target,
                       format_mean_std(row, "test_at_target"), str(row["tuning_runs"]), f"{row['tuning_seconds']:.0f}",
                       "**yes**" if row["pareto"] else ""])
-    tuning = [f"- {p['method']} {p['size']} {p['wire']}: {tuning_line(p['tuning'], [LR_KEY])}"
+    tuning = [f"- {p['method']} {p['size']} {p['wire']}: "
+              + (p["tuning"] if isinstance(p["tuning"], str) else tuning_line(p["tuning"], [LR_KEY]))
               for p in points if p["tuning"]] or ["- none: every point ran at its method's own rate (--no-tune)"]
     front = ", ".join(f"{r['method']} {r['size']} {r['wire']}" for r in rows if r["pareto"])
     return (f"# Frontier: {title}\n\n"
