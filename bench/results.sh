@@ -71,9 +71,18 @@ SMOLLM2="compare --no-tune --config configs/smollm2_instruct.toml --seeds 0,1,2 
 ARGS[smollm2-trec]="$SMOLLM2"
 TITLE[smollm2-sms]="Decoder: SmolLM2-135M instruction tuning on templated SMS spam, 3 clients, Dirichlet 0.5"
 ARGS[smollm2-sms]="$SMOLLM2 --set task.name=sms_spam"
+# The accuracy-communication frontier (issue 32): each point's learning rate is searched on seed 0 at the quick
+# budget (5 rounds), then every seed runs 15 rounds at that rate; the points without a search of their own (LoRA r8,
+# FedTT rank 5, FedTT+ one group a round) run at their package defaults, which the tune-fedtt / tune-lora sections
+# chose on this task at the quick budget (seeds 0, 1).
+FRONTIER_SIZES="--sizes lora=1,2,8 --sizes fedtt=2,5 --sizes fedtt+=1 --sizes fed-sb=32 --wire-dtypes float32"
+TITLE[frontier-rt-dir0.5-tuning]="Frontier, the rate search: Rotten Tomatoes, Dirichlet 0.5, quick budget, seed 0, validation only"
+ARGS[frontier-rt-dir0.5-tuning]="frontier --config configs/demo.toml --quick --seeds 0 --methods lora,fedtt,fed-sb --sizes lora=1,2 --sizes fedtt=2 --sizes fed-sb=32 --wire-dtypes float32"
+TITLE[frontier-rt-dir0.5-long]="Frontier: accuracy against bytes, Rotten Tomatoes, 3 clients, Dirichlet 0.5, 15 rounds"
+ARGS[frontier-rt-dir0.5-long]="frontier --config configs/demo.toml --quick --set federation.rounds=15 --seeds 0,1,2 --methods lora,fedtt,fedtt+,fed-sb $FRONTIER_SIZES --tuned docs/results/frontier-rt-dir0.5-tuning"
 ORDER=(tune-default tune-default-lora tune-fedtt tune-lora rt-dir0.5 rt-dir0.1 rt-iid rt-skew trec-dir0.5 rt-xdev rt-dir0.5-long rt-dir0.1-long
        trec-dir0.5-long init norms optimizer head wire-float16 wire-bfloat16 tune-dp dp-eps8 dp-eps3 dp-eps1 smollm2-trec
-       smollm2-sms)
+       smollm2-sms frontier-rt-dir0.5-tuning frontier-rt-dir0.5-long)
 if [[ "${1:-}" == --doc-only ]]; then sections=(); else sections=("${@:-${ORDER[@]}}"); fi
 mkdir -p "$OUT"
 for s in "${sections[@]}"; do
@@ -89,8 +98,10 @@ awk -v m="$MARKER" '{print} $0 == m {found = 1; exit} END {exit !found}' docs/re
   || { echo "docs/results.md lacks the marker line; put it back: $MARKER"; exit 1; }
 for s in "${ORDER[@]}"; do
   table="$OUT/$s/comparison.md"; [[ -f "$OUT/$s/tune.md" ]] && table="$OUT/$s/tune.md"
+  [[ -f "$OUT/$s/frontier.md" ]] && table="$OUT/$s/frontier.md"
   if [[ -f "$table" ]]; then
     printf '\n## %s\n\n```\nfedtt %s --out %s\n```\n\n' "${TITLE[$s]}" "${ARGS[$s]}" "$OUT/$s" >> "$doc"
+    [[ -f "$OUT/$s/frontier.png" ]] && printf '![%s](%s)\n\n' "$s" "${OUT#docs/}/$s/frontier.png" >> "$doc"
     tail -n +3 "$table" >> "$doc"  # from its table: the section heading above replaces its title
   else  # not run since runs were kept in git: the section as docs/results.md has it, if it has it
     awk -v h="## ${TITLE[$s]}" '$0 == h {on = 1; print ""; print; next} on && /^## / {exit}
