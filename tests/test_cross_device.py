@@ -54,3 +54,51 @@ def test_client_level_dp_refuses_what_it_cannot_account_for():
         load_config(None, [*CLIENT_DP, "federation.weighting='uniform'", "privacy.client_dp_adaptive=true",
                            "privacy.client_dp_placement='distributed'", "privacy.secure_aggregation=true",
                            "federation.min_replies=3"])
+
+
+EVERY_2 = [*XDEV, "task.max_train_examples=200", "federation.num_clients=10", "federation.clients_per_round=3",
+           "federation.eval_every=2", "federation.lr_schedule=constant"]
+
+
+def _stop_before_evaluating(round_: int):
+    """RunRecorder.evaluates, raising at ``round_`` (the run stops with the round before it checkpointed)."""
+    from fedtt.federated.server_app import RunRecorder
+
+    real = RunRecorder.evaluates
+
+    def evaluates(self, server_round):
+        if server_round == round_:
+            raise KeyboardInterrupt(f"stopped before evaluating round {round_}")
+        return real(self, server_round)
+
+    return evaluates
+
+
+def test_evaluation_every_k_rounds_selects_among_the_evaluated_and_counts_bytes_every_round(tmp_path, monkeypatch):
+    from fedtt.federated.server_app import RunRecorder
+    from fedtt.frontier import to_target
+
+    results = run(load_config(None, [*EVERY_2, "federation.rounds=5"]), tmp_path / "whole")
+    rounds = results["rounds"]
+    assert "initial" in results and [r["round"] for r in rounds] == [1, 2, 3, 4, 5]
+    assert [r["round"] for r in rounds if "eval" in r] == [2, 4, 5]  # every 2nd and the last
+    assert [r["round"] for r in rounds if "validation" in r] == [2, 4, 5]
+    assert all(r["bytes_up"] > 0 and r["bytes_down"] > 0 and r["clients"] == 3 for r in rounds)
+    assert results["total_bytes"] == sum(r["bytes_up"] + r["bytes_down"] for r in rounds)
+    evaluated = [r for r in rounds if "eval" in r]
+    best = max(evaluated, key=lambda r: (r["validation"]["accuracy"], -r["round"]))
+    assert results["selected"]["round"] == best["round"] and results["selected"]["test"] == best["eval"]
+    assert results["final"] == rounds[-1]["eval"]
+    assert to_target(results, 0.0)[0] == 0.0  # round 0 reaches any target; the gaps do not break the reader
+    assert to_target(results, best["validation"]["accuracy"])[1] == pytest.approx(
+        next(r for r in evaluated if r["validation"]["accuracy"] >= best["validation"]["accuracy"])["eval"]["accuracy"])
+    table = (tmp_path / "whole" / "results.md").read_text()
+    assert "| 3 | 3 |" in table and (tmp_path / "whole" / "curves.png").is_file()
+    # A run stopped after round 3 (not evaluated) resumes from it and ends as the uninterrupted one.
+    monkeypatch.setattr(RunRecorder, "evaluates", _stop_before_evaluating(4))
+    with pytest.raises(KeyboardInterrupt):
+        run(load_config(None, [*EVERY_2, "federation.rounds=5"]), tmp_path / "part")
+    monkeypatch.undo()
+    resumed = run(load_config(None, [*EVERY_2, "federation.rounds=5"]), tmp_path / "part", resume=True)
+    assert [r.get("eval") for r in resumed["rounds"]] == [r.get("eval") for r in rounds]
+    assert resumed["selected"] == results["selected"]

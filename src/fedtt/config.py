@@ -20,6 +20,8 @@ from .adapters import METHODS as ADAPTER_METHODS
 from .adapters import AdapterConfig
 from .adapters.peft_methods import per_example_gradients
 from .defaults import METHOD_DEFAULTS
+from .federated.server_opt import DEFAULTS as SERVER_OPTIMIZERS
+from .federated.server_opt import unused_keys
 
 METHODS = ("fedtt", "fedtt+", *ADAPTER_METHODS[1:])  # fedtt+: the TT adapter under a freezing policy
 POLICIES = ("fixed", "cyclic", "adaptive")
@@ -105,6 +107,19 @@ class FederationConfig(Section):
     # The first rounds train the task head alone (linear probing, then fine-tuning: under DP the adapter then
     # starts from a head that already fits the features, and the head's noise does not distort them)
     head_only_rounds: NonNegativeInt = 0
+    # The server's step from the round's mean update (federated/server_opt.py; Flower's FedAvgM, FedAdam and FedYogi
+    # rules): sgd with server_lr 1 is plain FedAvg. Unset keys take Flower's defaults for the optimiser: server_lr 1
+    # (sgd, momentum), 0.1 (adam), 0.01 (yogi); server_momentum 0.9 (momentum); server_beta1 0.9, server_beta2 0.99,
+    # server_tau 1e-3 (adam, yogi).
+    server_optimizer: Literal["sgd", "momentum", "adam", "yogi"] = "sgd"
+    server_lr: PositiveFloat | None = None
+    server_momentum: Annotated[float, Field(ge=0.0, lt=1.0)] | None = None
+    server_beta1: Annotated[float, Field(ge=0.0, lt=1.0)] | None = None
+    server_beta2: Annotated[float, Field(ge=0.0, lt=1.0)] | None = None
+    server_tau: PositiveFloat | None = None
+    # Evaluate the global adapter (validation and test) after every k-th round; round 0 and the last round always.
+    # Rounds in between are trained, counted and checkpointed, and have no "validation" / "eval" in results.json.
+    eval_every: PositiveInt = 1
     # Flower engines: seconds the server waits for a round's replies, and at the first round for the nodes to
     # connect; the round then goes on with the replies that arrived (in-process replies never wait).
     round_timeout: PositiveFloat = 600.0
@@ -125,6 +140,7 @@ class FederationConfig(Section):
         if self.warmup_rounds >= self.rounds:
             raise ValueError(f"federation.warmup_rounds = {self.warmup_rounds} leaves no round at the full "
                              f"learning rate; use fewer than federation.rounds = {self.rounds}")
+        self._check_server_optimizer()
         if self.partition == "label_skew":
             if len(self.proportions) != self.num_clients:
                 raise ValueError(f"federation.proportions has {len(self.proportions)} rows; label_skew needs one "
@@ -140,6 +156,13 @@ class FederationConfig(Section):
             raise ValueError(f"federation.proportions is only used with partition = 'label_skew', not "
                              f"{self.partition!r}; remove it")
         return self
+
+    def _check_server_optimizer(self) -> None:
+        unused = unused_keys(self)
+        if unused:
+            users = [kind for kind, keys in SERVER_OPTIMIZERS.items() if unused[0].removeprefix("server_") in keys]
+            raise ValueError(f"federation.{unused[0]} is used by server_optimizer {' or '.join(map(repr, users))}, not "
+                             f"{self.server_optimizer!r}; remove it or change federation.server_optimizer")
 
 
 Group = int | Literal["bias", "norm"]

@@ -81,9 +81,10 @@ def _mb(n: float) -> str:
 
 def round_summary(entry: dict, total_rounds: int, cumulative_bytes: int, metric: str = "accuracy") -> str:
     """One progress line per round, e.g. "round  3/10  val accuracy 0.8010  test accuracy 0.8123  test loss
-    0.4312  train 0.5011  up 125.3 kB  down 125.3 kB  total 0.75 MB" (and the largest epsilon under DP)."""
+    0.4312  train 0.5011  up 125.3 kB  down 125.3 kB  total 0.75 MB" (and the largest epsilon under DP); "-" for
+    the metrics of a round that was not evaluated (``federation.eval_every``)."""
     width = len(str(total_rounds))
-    test, validation = entry["eval"], entry.get("validation", {})
+    test, validation = entry.get("eval", {}), entry.get("validation", {})
     line = (f"round {entry['round']:>{width}}/{total_rounds}  val {metric} {_num(validation.get(metric))}  "
             f"test {metric} {_num(test.get(metric))}  test loss {_num(test.get('loss'))}  "
             f"train {_num(entry.get('train_loss'))}  up {format_bytes(entry['bytes_up'])}  "
@@ -132,7 +133,8 @@ def _metric(results: dict) -> str:
 
 
 def _curve(results: dict, split: str = "eval") -> tuple[list[int], list[float], list[float]]:
-    """(rounds, cumulative MB, metric on ``split``), from round 0 / 0 MB when the initial evaluation is known."""
+    """(rounds, cumulative MB, metric on ``split``) of the evaluated rounds, from round 0 / 0 MB when the initial
+    evaluation is known."""
     metric, rounds, mb, values = _metric(results), [], [], []
     initial = results.get("initial", {}).get("test" if split == "eval" else split)
     if initial and metric in initial:
@@ -140,9 +142,10 @@ def _curve(results: dict, split: str = "eval") -> tuple[list[int], list[float], 
     cum = 0
     for r in results["rounds"]:
         cum += r["bytes_up"] + r["bytes_down"]
-        rounds.append(r["round"])
-        mb.append(cum / 1e6)
-        values.append(r[split][metric])
+        if split in r:  # evaluated (federation.eval_every)
+            rounds.append(r["round"])
+            mb.append(cum / 1e6)
+            values.append(r[split][metric])
     return rounds, mb, values
 
 
@@ -160,8 +163,8 @@ def write_results(results: dict, out_dir: Path, tables: bool = True) -> None:
     for r in results["rounds"]:
         cum += r["bytes_up"] + r["bytes_down"]
         rows.append([str(r["round"]), str(r["clients"]), _num(r.get("train_loss")),
-                     _num(r.get("validation", {}).get(metric)), _num(r["eval"].get(metric)),
-                     _num(r["eval"].get("loss")), f"{r['params_up']:,}", f"{r['params_down']:,}",
+                     _num(r.get("validation", {}).get(metric)), _num(r.get("eval", {}).get(metric)),
+                     _num(r.get("eval", {}).get("loss")), f"{r['params_up']:,}", f"{r['params_down']:,}",
                      f"{r['bytes_up'] / 1e3:.1f}", f"{r['bytes_down'] / 1e3:.1f}", _mb(cum)])
     selected, final = results.get("selected"), results.get("final", {})
     head = [

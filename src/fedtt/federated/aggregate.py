@@ -130,10 +130,11 @@ def agreement(mean: dict[str, np.ndarray], mean_squares: dict[str, float], chanc
     return result
 
 
-def merge(global_arrays: ArrayRecord, mean: dict[str, np.ndarray]) -> tuple[ArrayRecord | None, str | None]:
-    """The global adapter plus the mean update, in float32; (None, why) if a value is not finite after the cast."""
+def merge(global_arrays: ArrayRecord, step: dict[str, np.ndarray]) -> tuple[ArrayRecord | None, str | None]:
+    """The global adapter plus the server's step (the mean update under FedAvg: ``server_opt``), in float32;
+    (None, why) if a value is not finite after the cast."""
     merged = {name: global_arrays[name] for name in global_arrays}
-    for name, value in mean.items():
+    for name, value in step.items():
         with np.errstate(over="ignore", invalid="ignore"):
             new = (global_arrays[name].numpy().astype(np.float64) + value).astype(np.float32)
         if not np.isfinite(new).all():

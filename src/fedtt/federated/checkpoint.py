@@ -1,9 +1,11 @@
 """Checkpoints: after every round the server writes ``<out>/checkpoint.safetensors`` so a killed run resumes.
 
-One file, replaced atomically: the global trainable tensors, and in its metadata the round, the strategy's
-state (sampler, tensor versions, FedTT+ policy) and results.json's content. Clients keep no state between
-rounds that a resumed run needs (they rebuild the seeded initial adapter and are sent what changed since), so
-``fedtt run --resume`` continues exactly where the run stopped: same seed, same rounds, same numbers.
+One file, replaced atomically: the global trainable tensors, the strategy's state tensors (the server optimiser's
+moments, named with a ``server_opt:`` prefix no trainable tensor has), and in its metadata the round, the rest of
+the strategy's state (sampler, tensor versions, FedTT+ policy, optimiser step counts) and results.json's content.
+Clients keep no state between rounds that a resumed run needs (they rebuild the seeded initial adapter and are
+sent what changed since), so ``fedtt run --resume`` continues exactly where the run stopped: same seed, same
+rounds, same numbers.
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ from ..config import Config
 from ..files import CHECKPOINT as FILE
 from ..files import atomic_write
 from ..report import json_safe as _json_safe
+from .server_opt import PREFIX as STATE_PREFIX
 
-# What may change on resume: how many rounds in all (to extend a run), and how it is executed.
-MAY_CHANGE = {"federation.rounds", "federation.engine", "federation.round_timeout"}
+# What may change on resume: how many rounds in all (to extend a run), how it is executed, how often it is
+# evaluated (evaluation changes no training).
+MAY_CHANGE = {"federation.rounds", "federation.engine", "federation.round_timeout", "federation.eval_every"}
 
 
 class Checkpoint(NamedTuple):
@@ -32,12 +36,14 @@ class Checkpoint(NamedTuple):
     strategy: dict
     results: dict
     config: dict
+    tensors: dict[str, np.ndarray] | None = None  # the strategy's state tensors (``state_tensors``)
 
 
 def save_checkpoint(out_dir: Path, server_round: int, arrays: ArrayRecord, strategy: dict, results: dict,
-                    config: Config) -> None:
+                    config: Config, tensors: dict[str, np.ndarray] | None = None) -> None:
     state = {"round": server_round, "strategy": strategy, "results": results, "config": _as_json(config)}
-    data = save({name: arrays[name].numpy() for name in arrays}, metadata={"fedtt": json.dumps(_json_safe(state))})
+    data = save({**{name: arrays[name].numpy() for name in arrays}, **(tensors or {})},
+                metadata={"fedtt": json.dumps(_json_safe(state))})
     atomic_write(out_dir / FILE, data)
 
 
@@ -53,8 +59,10 @@ def read_checkpoint(out_dir: str | Path) -> Checkpoint:
     except (SafetensorError, KeyError, ValueError) as err:
         raise ValueError(f"cannot resume {out_dir}: {path} is damaged ({err}); start the run again with "
                          "--overwrite") from None
-    arrays = ArrayRecord({name: Array(np.ascontiguousarray(t)) for name, t in sorted(tensors.items())})
-    return Checkpoint(state["round"], arrays, state["strategy"], state["results"], state["config"])
+    arrays = ArrayRecord({name: Array(np.ascontiguousarray(t)) for name, t in sorted(tensors.items())
+                          if not name.startswith(STATE_PREFIX)})
+    extra = {name: t for name, t in tensors.items() if name.startswith(STATE_PREFIX)}
+    return Checkpoint(state["round"], arrays, state["strategy"], state["results"], state["config"], extra)
 
 
 def check_resumable(checkpoint: Checkpoint, config: Config, out_dir: str | Path) -> None:

@@ -1,11 +1,13 @@
-"""The FedTT ServerApp: runs the strategy, evaluates the global adapter every round, writes the run's outputs.
+"""The FedTT ServerApp: runs the strategy, evaluates the global adapter, writes the run's outputs.
 
-Every round the global model is evaluated on the validation split (where choices are made) and on the test
-split (what is reported); the selected round is the best on validation, and results.json reports the test
-metrics there and at the final round. Outputs (``<out>/``): ``results.json`` (rewritten after every round),
-``checkpoint.safetensors`` (after every round: a killed run continues with ``fedtt run --resume``),
-``results.md``, ``curves.png``, ``config.toml`` (the resolved config) and ``adapter/`` (the final global adapter,
-a PEFT-layout directory: ``fedtt.load_adapter``, ``fedtt predict``, ``fedtt generate``).
+The global model is evaluated on the validation split (where choices are made) and on the test split (what is
+reported) before training, after every ``federation.eval_every``-th round and after the last; the selected round
+is the best evaluated one on validation, and results.json reports the test metrics there and at the final round.
+Every round, evaluated or not, is recorded (bytes, clients, loss) and checkpointed. Outputs (``<out>/``):
+``results.json`` (rewritten after every round), ``checkpoint.safetensors`` (after every round: a killed run
+continues with ``fedtt run --resume``), ``results.md``, ``curves.png``, ``config.toml`` (the resolved config) and
+``adapter/`` (the final global adapter, a PEFT-layout directory: ``fedtt.load_adapter``, ``fedtt predict``,
+``fedtt generate``).
 A run in which no round could be aggregated is recorded as ``"status": "failed"`` with the first reason.
 """
 
@@ -36,7 +38,7 @@ REPRODUCIBLE_WARNING = ("privacy.reproducible_noise = true: every client's DP no
 
 
 def select(rounds: list[dict], metric: str, higher: bool) -> dict | None:
-    """The round with the best validation ``metric`` (the earliest of ties); test labels play no part."""
+    """The evaluated round with the best validation ``metric`` (the earliest of ties); test labels play no part."""
     scored = [r for r in rounds if r.get("validation")]
     if not scored:
         return None
@@ -88,10 +90,19 @@ class RunRecorder:
         self.progress.update(checkpoint.round)
         logger.info("resuming after round %d of %d", checkpoint.round, self.exp.config.federation.rounds)
 
-    def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+    def evaluates(self, server_round: int) -> bool:
+        """Whether ``server_round`` is evaluated: round 0, every ``eval_every``-th, the last."""
+        fed = self.exp.config.federation
+        return server_round % fed.eval_every == 0 or server_round == fed.rounds
+
+    def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         server_round = self.strategy.global_round(server_round)
-        if server_round == self.strategy.resumed_from > 0:  # the checkpoint's round: evaluated before the stop
-            return MetricRecord(self.results["rounds"][-1]["eval"])
+        if server_round == self.strategy.resumed_from > 0:  # the checkpoint's round: recorded before the stop
+            return None
+        if not self.evaluates(server_round):  # recorded and checkpointed all the same
+            self._record(server_round, None, None)
+            self._save(arrays, server_round)
+            return None
         load_trainable_state_dict(self.exp.model, arrays.to_torch_state_dict())
         validation, test = (self.exp.evaluate(self.exp.model, split) for split in (self.exp.validation, self.exp.test))
         total = self.exp.config.federation.rounds
@@ -104,9 +115,11 @@ class RunRecorder:
         self._save(arrays if server_round > 0 else None, server_round)
         return MetricRecord(test)
 
-    def _record(self, server_round: int, validation: dict, test: dict) -> None:
+    def _record(self, server_round: int, validation: dict | None, test: dict | None) -> None:
         stats = self.strategy.rounds[server_round]
-        entry = {"round": server_round, **stats.entry(), "validation": validation, "eval": test}
+        entry = {"round": server_round, **stats.entry()}
+        if validation is not None:  # a round between evaluations has neither key
+            entry.update(validation=validation, eval=test)
         if self.exp.config.privacy.dp:
             self._account_privacy(entry, stats.privacy)
         self.results["rounds"].append(entry)
@@ -129,16 +142,16 @@ class RunRecorder:
         entry["epsilon_max"] = summary["epsilon_max"]
 
     def _save(self, arrays: ArrayRecord | None, server_round: int) -> None:
-        rounds = self.results["rounds"]
-        if rounds:
-            self.results["selected"] = select(rounds, self.metric, self.higher)
-            self.results["final"] = dict(rounds[-1]["eval"])
-            self.results["final_validation"] = dict(rounds[-1]["validation"])
+        evaluated = [r for r in self.results["rounds"] if "eval" in r]
+        if evaluated:  # "final": the last evaluated round (once the run ends, the last round)
+            self.results["selected"] = select(evaluated, self.metric, self.higher)
+            self.results["final"] = dict(evaluated[-1]["eval"])
+            self.results["final_validation"] = dict(evaluated[-1]["validation"])
         self.results["wall_seconds"] = round(time.time() - self.start, 2)
         write_results(self.results, self.out_dir, tables=False)
         if arrays is not None:
             save_checkpoint(self.out_dir, server_round, arrays, self.strategy.state_dict(), self.results,
-                            self.exp.config)
+                            self.exp.config, self.strategy.state_tensors())
 
     def finish(self, arrays: ArrayRecord) -> None:
         self.progress.close()
@@ -188,7 +201,7 @@ def main(grid: Grid, context: Context) -> None:
                            "from here on, so it will not equal a fresh %d-round run", planned,
                            cfg.federation.rounds, cfg.federation.lr_schedule, cfg.federation.rounds)
         initial = checkpoint.arrays
-        strategy.load_state_dict(checkpoint.strategy, completed_rounds=checkpoint.round)
+        strategy.load_state_dict(checkpoint.strategy, completed_rounds=checkpoint.round, tensors=checkpoint.tensors)
         recorder.resume(checkpoint)
     result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.federation.rounds - strategy.resumed_from,
                             train_config=ConfigRecord(), evaluate_fn=recorder.evaluate,

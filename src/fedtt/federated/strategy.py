@@ -4,9 +4,10 @@ reply's bytes.
 ``configure_train``: start the round, sample the clients (``roster``), plan what trains, ask FedTT+ nodes what
 they hold (``sync``), run the secure aggregation setup, build the train messages. ``aggregate_train``: parse and
 bound every reply (a reply that fails is dropped with its reason, never raised on), combine the valid ones
-(``aggregate``; under secure aggregation only their sum is unmasked), merge, account. Bytes are counted as
-Flower serialises the records of each message, summed over clients and every stage of the round (queries
-included); transport framing (gRPC / HTTP) is not.
+(``aggregate``; under secure aggregation only their sum is unmasked), take the server optimiser's step from the
+mean (``server_opt``; FedAvg by default), merge, account. Bytes are counted as Flower serialises the records of
+each message, summed over clients and every stage of the round (queries included); transport framing (gRPC /
+HTTP) is not.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from .freezing import FreezingPolicy, Group, round_keys
 from .protocol import ProtocolError
 from .roster import Roster
 from .rounds import RoundStats
+from .server_opt import ServerOptimizer
 from .sync import Sync
 
 logger = logging.getLogger("fedtt")
@@ -53,6 +55,7 @@ class FedTTStrategy(FedAvg):
         self.sent: dict[int, list[Message]] = {}
         self.client_dp = client_dp.ServerClientDP(client_dp.ClientDP.of(config), config.privacy.client_dp_placement
                                                   == "server") if config.privacy.client_dp else None
+        self.server_opt = ServerOptimizer.of(config.federation)
         self.resumed_from = 0  # rounds done before this process (a resumed run): Flower counts rounds from 1
 
     def global_round(self, server_round: int) -> int:
@@ -76,14 +79,19 @@ class FedTTStrategy(FedAvg):
     # ------------------------------------------------------------------------------------- state (resume)
 
     def state_dict(self) -> dict:
-        """What a resumed run needs to continue exactly: the sampler, the tensor versions, the FedTT+ policy."""
-        return {**self.roster.state_dict(), **self.sync.state_dict(),
+        """What a resumed run needs to continue exactly: the sampler, the tensor versions, the FedTT+ policy, the
+        server optimiser's step counts (its moments: ``state_tensors``)."""
+        return {**self.roster.state_dict(), **self.sync.state_dict(), "server_opt": self.server_opt.state_dict(),
                 "client_dp": self.client_dp.state_dict() if self.client_dp else None,
                 "dp_steps": {str(k): v for k, v in self.dp_steps.items()},
                 "policy": self.policy.state_dict() if self.policy else None}
 
-    def load_state_dict(self, state: dict, completed_rounds: int) -> None:
+    def state_tensors(self) -> dict[str, np.ndarray]:
+        return self.server_opt.tensors()
+
+    def load_state_dict(self, state: dict, completed_rounds: int, tensors: dict[str, np.ndarray] | None = None) -> None:
         self.roster.load_state_dict(state)
+        self.server_opt.load_state_dict(state.get("server_opt"), tensors or {})
         self.sync.load_state_dict(state)
         self.dp_steps = {int(k): int(v) for k, v in state["dp_steps"].items()}
         if self.client_dp:
@@ -180,9 +188,11 @@ class FedTTStrategy(FedAvg):
             if combined is None:
                 return None, None
             mean, squares = combined
-            merged, problem = aggregate.merge(self.global_arrays, mean)
+            step, opt_state = self.server_opt.step(mean)
+            merged, problem = aggregate.merge(self.global_arrays, step)
             if problem:
                 return self._skip(stats, f"the aggregate is unusable: {problem}")
+            self.server_opt.accept(opt_state)
             self.sync.applied(mean)
             self._account(stats, valid, mean, squares)
             return merged, MetricRecord({} if stats.train_loss is None else {"train_loss": stats.train_loss})
