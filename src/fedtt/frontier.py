@@ -28,6 +28,7 @@ from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 
 from .compare import LR_KEY, TUNED_FILE, compare, dir_name, read_tuned, search, spec_overrides, tuning_line
 from .config import load_config
@@ -266,6 +267,7 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
         ax.scatter([r[key] / scale for r in front], [r["test_selected_mean"] for r in front], s=140,
                    facecolors="none", edgecolors="black", label="Pareto set", zorder=3)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # a span under a decade labels every minor tick: they overlap
         ax.set_xlabel(label)
         ax.set_ylabel(f"test {rows[0]['metric']} @ selected round")
         ax.grid(alpha=0.3, which="both")
