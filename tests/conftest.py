@@ -7,6 +7,13 @@ from flwr.clientapp import ClientApp
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Under pytest-xdist each worker takes its share of the cores: torch's default (every core in every process)
+# oversubscribes them, several times slower than one process after the other.
+if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
 # The settings every short federation in the suite starts from (later --set style overrides win).
 FAST = ["model.num_hidden_layers=2", "model.max_length=32", "task.max_eval_examples=60", "federation.batch_size=8",
         "federation.local_steps=2", "federation.partition='iid'"]
