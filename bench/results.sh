@@ -75,9 +75,9 @@ ARGS[smollm2-sms]="$SMOLLM2 --set task.name=sms_spam"
 # budget (5 rounds), then every seed runs 15 rounds at that rate; the points without a search of their own (LoRA r8,
 # FedTT rank 5, FedTT+ one group a round) run at their package defaults, which the tune-fedtt / tune-lora sections
 # chose on this task at the quick budget (seeds 0, 1).
-FRONTIER_SIZES="--sizes lora=1,2,8 --sizes fedtt=2,5 --sizes fedtt+=1 --sizes fed-sb=32 --wire-dtypes float32"
+FRONTIER_SIZES="--sizes lora=1,2,8 --sizes fedtt=2,5 --sizes fedtt+=1 --sizes fed-sb=8,32 --wire-dtypes float32"
 TITLE[frontier-rt-dir0.5-tuning]="Frontier, the rate search: Rotten Tomatoes, Dirichlet 0.5, quick budget, seed 0, validation only"
-ARGS[frontier-rt-dir0.5-tuning]="frontier --config configs/demo.toml --quick --seeds 0 --methods lora,fedtt,fed-sb --sizes lora=1,2 --sizes fedtt=2 --sizes fed-sb=32 --wire-dtypes float32"
+ARGS[frontier-rt-dir0.5-tuning]="frontier --config configs/demo.toml --quick --seeds 0 --methods lora,fedtt,fed-sb --sizes lora=1,2 --sizes fedtt=2 --sizes fed-sb=8,32 --wire-dtypes float32"
 TITLE[frontier-rt-dir0.5-long]="Frontier: accuracy against bytes, Rotten Tomatoes, 3 clients, Dirichlet 0.5, 15 rounds"
 ARGS[frontier-rt-dir0.5-long]="frontier --config configs/demo.toml --quick --set federation.rounds=15 --seeds 0,1,2 --methods lora,fedtt,fedtt+,fed-sb $FRONTIER_SIZES --tuned docs/results/frontier-rt-dir0.5-tuning"
 # Cross-device at about 1,000 clients (issue 30, item 3): configs/cross_device_1000.toml (1,000 clients, Dirichlet
