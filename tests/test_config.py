@@ -205,3 +205,9 @@ def test_each_method_takes_its_own_defaults_unless_the_config_sets_them():
             assert getattr(getattr(config, section), leaf) == value, (method, key)
     assert load_config(None, ["method='lora'", "federation.lr=0.5"]).federation.lr == 0.5
     assert load_config(None, ["method='fedtt'"]).adapter.init == "identity"
+
+
+def test_momentum_is_refused_without_sgd():
+    with pytest.raises(ValueError, match=r"federation.momentum = 0.9 is sgd's; set federation.optimizer = 'sgd'"):
+        load_config(None, ["federation.momentum=0.9"])
+    assert load_config(None, ["federation.optimizer='sgd'", "federation.momentum=0.9"]).federation.momentum == 0.9

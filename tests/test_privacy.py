@@ -171,8 +171,9 @@ def test_without_noise_or_clipping_dp_sgd_is_plain_training_on_the_same_poisson_
     fedtt.load_trainable_state_dict(model, initial)
 
 
-def test_dp_off_is_the_plain_training_loop_bit_for_bit(tmp_path):
-    cfg = config()
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_dp_off_is_the_plain_training_loop_bit_for_bit(optimizer):
+    cfg = config(f"federation.optimizer='{optimizer}'", *(["federation.momentum=0.9"] if optimizer == "sgd" else []))
     exp = experiment(run_config_for(cfg, "/unused"))
     initial = {n: p.detach().clone() for n, p in exp.model.named_parameters() if p.requires_grad}
     rows = exp.partitions[1]
@@ -180,7 +181,8 @@ def test_dp_off_is_the_plain_training_loop_bit_for_bit(tmp_path):
     ours = {n: p.detach().clone() for n, p in exp.model.named_parameters() if p.requires_grad}
     fedtt.load_trainable_state_dict(exp.model, initial)
     trainable = [p for p in exp.model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-3, weight_decay=0.0)  # as federation.weight_decay
+    optimizer = (torch.optim.AdamW(trainable, lr=1e-3, weight_decay=0.0) if optimizer == "adamw" else
+                 torch.optim.SGD(trainable, lr=1e-3, momentum=0.9))
     generator = torch.Generator().manual_seed(3)
     history = []
     with torch.random.fork_rng(devices=[]):
@@ -196,6 +198,33 @@ def test_dp_off_is_the_plain_training_loop_bit_for_bit(tmp_path):
     exp.model.eval()
     assert loss == sum(history) / len(history)
     assert all(torch.equal(ours[n], p) for n, p in exp.model.named_parameters() if p.requires_grad)
+    fedtt.load_trainable_state_dict(exp.model, initial)
+
+
+def test_clipping_without_noise_trains_and_states_an_infinite_epsilon(tmp_path):
+    results = run(config("privacy.dp=true", "privacy.noise_multiplier=0"), tmp_path)
+    assert results["status"] == "finished"
+    assert json.loads((tmp_path / "results.json").read_text())["privacy"]["epsilon_max"] is None  # strict JSON
+    assert "epsilon inf" in (tmp_path / "results.md").read_text()
+
+
+def test_the_head_takes_its_own_rate_and_the_adapter_is_trained_as_without_it():
+    exp = experiment(run_config_for(config("federation.local_steps=1", "federation.lr=1e-3"), "/unused"))
+    initial = {n: p.detach().clone() for n, p in exp.model.named_parameters() if p.requires_grad}
+
+    def moved(head_lr):
+        fedtt.load_trainable_state_dict(exp.model, initial)
+        exp.config.federation.head_lr = head_lr
+        exp.train_local(exp.train, exp.partitions[0], seed=3, lr=1e-3)
+        return {n: (p.detach() - initial[n]).abs().max().item() for n, p in exp.model.named_parameters()
+                if p.requires_grad}
+
+    same, fast = moved(None), moved(1e-2)
+    head = set(exp.model.fedtt_head_keys)
+    # AdamW's first step moves every coordinate with a gradient by its rate (m / sqrt(v) = +-1)
+    assert all(fast[n] == pytest.approx(1e-2, rel=1e-3) and same[n] == pytest.approx(1e-3, rel=1e-3) for n in head)
+    assert all(fast[n] == same[n] for n in fast if n not in head)
+    exp.config.federation.head_lr = None
     fedtt.load_trainable_state_dict(exp.model, initial)
 
 

@@ -137,6 +137,7 @@ MUTATIONS = {
     "inf train loss": lambda r, m, g: _metrics(r, m, train_loss=float("inf")),
     "negative square": lambda r, m, g: _metrics(r, m, **{"sq:0": -1.0}),
     "NaN square": lambda r, m, g: _metrics(r, m, **{"sq:1": float("nan")}),
+    "NaN epsilon": lambda r, m, g: _metrics(r, m, epsilon=float("nan")),
     "negative synced round": lambda r, m, g: _metrics(r, m, **{"synced-round": -1}),
     "list metric": lambda r, m, g: _metrics(r, m, **{"num-examples": [1, 2]}),
     "error reply": lambda r, m, g: Message(Error(code=0, reason=g.choice(["boom", "<class 'x.Y'>:<'z'>", ""])),

@@ -82,9 +82,14 @@ class FederationConfig(Section):
     local_epochs: NonNegativeInt = 0         # > 0: passes over the client's data per round instead
     batch_size: PositiveInt = 16
     lr: PositiveFloat | None = None          # None: the method's default (fedtt.defaults)
+    head_lr: PositiveFloat | None = None     # the task head's rate (same schedule); None: lr
     lr_schedule: Literal["constant", "linear", "cosine"] = "cosine"  # decay over the run, by round (tune-default)
     warmup_rounds: NonNegativeInt = 0        # linear warm-up from lr / (warmup_rounds + 1)
-    weight_decay: NonNegativeFloat = 0.0     # AdamW's
+    # the clients' optimizer, fresh each round. Under DP, AdamW moves a coordinate that gets only noise by about its
+    # rate every step; SGD moves it by rate x noise (momentum: Polyak's, on the noised gradient)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0  # sgd's
+    weight_decay: NonNegativeFloat = 0.0     # decoupled (AdamW's) or L2 (sgd's)
     clip_grad_norm: NonNegativeFloat = 0.0   # clip each local step's gradient norm; 0: off
     partition: Literal["iid", "dirichlet", "label_skew"] = "dirichlet"
     alpha: PositiveFloat = 0.5               # Dirichlet concentration over labels
@@ -141,6 +146,9 @@ class FederationConfig(Section):
             raise ValueError(f"federation.warmup_rounds = {self.warmup_rounds} leaves no round at the full "
                              f"learning rate; use fewer than federation.rounds = {self.rounds}")
         self._check_server_optimizer()
+        if self.momentum and self.optimizer != "sgd":
+            raise ValueError(f"federation.momentum = {self.momentum:g} is sgd's; set federation.optimizer = 'sgd' "
+                             f"or remove it")
         if self.partition == "label_skew":
             if len(self.proportions) != self.num_clients:
                 raise ValueError(f"federation.proportions has {len(self.proportions)} rows; label_skew needs one "

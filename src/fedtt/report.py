@@ -96,6 +96,12 @@ def round_summary(entry: dict, total_rounds: int, cumulative_bytes: int, metric:
     return line
 
 
+def epsilon_max(results: dict) -> float:
+    """The run's largest client epsilon; results.json writes inf (clipping without noise) as null."""
+    value = results["privacy"]["epsilon_max"]
+    return math.inf if value is None else value
+
+
 def json_safe(obj):
     """Plain JSON types; numpy/torch scalars and arrays unwrapped, non-finite floats -> null, Path -> str."""
     if isinstance(obj, dict):
@@ -185,7 +191,7 @@ def write_results(results: dict, out_dir: Path, tables: bool = True) -> None:
     ]
     if results.get("privacy", {}).get("epsilon"):
         p = results["privacy"]
-        head.append(f"- privacy: epsilon {p['epsilon_max']:.3f} (largest client, whole run) at delta "
+        head.append(f"- privacy: epsilon {epsilon_max(results):.3f} (largest client, whole run) at delta "
                     f"{max(p['delta'].values()):g}, clipping {p['max_grad_norm']:g}, {p['accountant']} accountant")
     if results.get("status") == "failed":
         head.append(f"- FAILED: {results.get('error')}")
@@ -275,7 +281,7 @@ def summarize(runs: list[dict]) -> list[dict]:
             if values and key != metric:
                 row[f"test_{key}_selected_mean"], row[f"test_{key}_selected_std"] = mean_and_std(values)
         if any(r.get("privacy", {}).get("epsilon") for r in members):
-            row["epsilon_max"] = max(r["privacy"]["epsilon_max"] for r in members)
+            row["epsilon_max"] = max(epsilon_max(r) for r in members)
         if lora_bytes is not None:
             total = statistics.fmean(r["total_bytes"] for r in members)
             row[RATIO_COLUMN] = lora_bytes / total if total else None

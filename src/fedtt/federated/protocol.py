@@ -57,6 +57,7 @@ class Field:
     high: float = math.inf
     required: bool = True
     prefix: bool = False     # the field stands for every key that starts with ``key``
+    unbounded: bool = False  # a float that may be +-inf (never NaN)
 
     def check(self, key: str, value) -> object:
         kind = self.kind
@@ -66,7 +67,7 @@ class Field:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ProtocolError(f"{key!r} is {_kind(value)}, expected a number")
             value = float(value)
-            if not math.isfinite(value):
+            if math.isnan(value) or (math.isinf(value) and not self.unbounded):
                 raise ProtocolError(f"{key!r} is {value}, expected a finite number")
         if kind in (int, float) and not self.low <= value <= self.high:
             raise ProtocolError(f"{key!r} = {value} is outside [{self.low}, {self.high}]")
@@ -142,9 +143,11 @@ ARRAYS = ("arrays", ())
 COUNT = Field("num-examples", int, 1, 2**53)
 BLOB = (0, MAX_BYTES)
 
-# A training round's DP accounting, reported by a client that trains with DP-SGD.
-DP_FIELDS = (Field("epsilon", float, 0.0, required=False), Field("delta", float, 0.0, 1.0, required=False),
-             Field("dp-steps", int, 0, 2**53, required=False), Field("noise-multiplier", float, 0.0, required=False),
+# A training round's DP accounting, reported by a client that trains with DP-SGD (epsilon inf: clipping without
+# noise, privacy.noise_multiplier = 0, the reference run that has no guarantee).
+DP_FIELDS = (Field("epsilon", float, 0.0, required=False, unbounded=True),
+             Field("delta", float, 0.0, 1.0, required=False), Field("dp-steps", int, 0, 2**53, required=False),
+             Field("noise-multiplier", float, 0.0, required=False),
              Field("sample-rate", float, 0.0, 1.0, required=False))
 
 # server -> client

@@ -39,14 +39,21 @@ def local_batches(num_examples: int, *, steps: int, epochs: int, batch_size: int
 
 def train_local(model: torch.nn.Module, data: Encoded, rows: np.ndarray, *, kind: str, federation,
                 device: torch.device, lr: float, seed: int, dp=None, desc: str = "") -> float:
-    """Train the model's currently trainable tensors on ``rows`` of ``data`` with a fresh AdamW; mean loss.
+    """Train the model's currently trainable tensors on ``rows`` of ``data`` with a fresh optimizer; mean loss.
 
     ``kind``: the task kind (it decides the loss); ``federation``: the steps or epochs, batch size, weight decay
     and gradient clipping. ``seed`` orders the batches and the dropout masks; with ``dp`` the batches are DP's
     Poisson samples and the optimizer Opacus' DP optimizer, everything else is the same. The caller's global
     RNG is left as it was (dropout draws from a fork)."""
+    head_keys = set(getattr(model, "fedtt_head_keys", ()))
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=federation.weight_decay)
+    head = [p for n, p in model.named_parameters() if p.requires_grad and n in head_keys]
+    rest = [p for n, p in model.named_parameters() if p.requires_grad and n not in head_keys]
+    head_lr = lr * federation.head_lr / federation.lr if federation.head_lr else lr  # the round's schedule too
+    groups = [g for g in ({"params": rest}, {"params": head, "lr": head_lr}) if g["params"]]
+    optimizer = (torch.optim.AdamW(groups, lr=lr, weight_decay=federation.weight_decay)
+                 if federation.optimizer == "adamw" else
+                 torch.optim.SGD(groups, lr=lr, momentum=federation.momentum, weight_decay=federation.weight_decay))
     if dp is None:
         batches = local_batches(len(rows), steps=federation.local_steps, epochs=federation.local_epochs,
                                 batch_size=federation.batch_size, generator=torch.Generator().manual_seed(seed))
