@@ -62,6 +62,8 @@ def epsilon(accountant: str, sigma: float, sample_rate: float, steps: int, delta
     """The (epsilon at delta) of ``steps`` DP-SGD steps, by Opacus' accountant."""
     if steps == 0:
         return 0.0
+    if sigma == 0:  # clipping without noise: no guarantee (Opacus would say so too, with a warning per call)
+        return math.inf
     acc = _accountant(accountant)
     acc.history = [(sigma, sample_rate, steps)]
     return float(acc.get_epsilon(delta=delta))
