@@ -41,10 +41,10 @@ def train_local(model: torch.nn.Module, data: Encoded, rows: np.ndarray, *, kind
                 device: torch.device, lr: float, seed: int, dp=None, desc: str = "") -> float:
     """Train the model's currently trainable tensors on ``rows`` of ``data`` with a fresh optimizer; mean loss.
 
-    ``kind``: the task kind (it decides the loss); ``federation``: the steps or epochs, batch size, weight decay
-    and gradient clipping. ``seed`` orders the batches and the dropout masks; with ``dp`` the batches are DP's
-    Poisson samples and the optimizer Opacus' DP optimizer, everything else is the same. The caller's global
-    RNG is left as it was (dropout draws from a fork)."""
+    ``kind``: the task kind (it decides the loss); ``federation``: the steps or epochs, batch size, optimizer,
+    the head's rate, weight decay and gradient clipping. ``seed`` orders the batches and the dropout masks; with
+    ``dp`` the batches are DP's Poisson samples and the optimizer Opacus' DP optimizer, everything else is the same.
+    The caller's global RNG is left as it was (dropout draws from a fork)."""
     head_keys = set(getattr(model, "fedtt_head_keys", ()))
     trainable = [p for p in model.parameters() if p.requires_grad]
     head = [p for n, p in model.named_parameters() if p.requires_grad and n in head_keys]
