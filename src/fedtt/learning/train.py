@@ -46,9 +46,11 @@ def train_local(model: torch.nn.Module, data: Encoded, rows: np.ndarray, *, kind
     ``dp`` the batches are DP's Poisson samples and the optimizer Opacus' DP optimizer, everything else is the same.
     The caller's global RNG is left as it was (dropout draws from a fork)."""
     head_keys = set(getattr(model, "fedtt_head_keys", ()))
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    head = [p for n, p in model.named_parameters() if p.requires_grad and n in head_keys]
-    rest = [p for n, p in model.named_parameters() if p.requires_grad and n not in head_keys]
+    head, rest = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (head if name in head_keys else rest).append(p)
+    trainable = rest + head
     head_lr = lr * federation.head_lr / federation.lr if federation.head_lr else lr  # the round's schedule too
     groups = [g for g in ({"params": rest}, {"params": head, "lr": head_lr}) if g["params"]]
     optimizer = (torch.optim.AdamW(groups, lr=lr, weight_decay=federation.weight_decay)
