@@ -12,7 +12,7 @@ from pydantic import BaseModel
 from fedtt.adapters.peft_methods import per_example_gradients
 from fedtt.cli import main
 from fedtt.config import METHODS, Config, adapter_method, load_config
-from fedtt.defaults import METHOD_DEFAULTS
+from fedtt.defaults import DP_DEFAULTS, METHOD_DEFAULTS
 
 SECTIONS = ("model", "task", "adapter", "federation", "freezing", "privacy")
 
@@ -211,3 +211,25 @@ def test_momentum_is_refused_without_sgd():
     with pytest.raises(ValueError, match=r"federation.momentum = 0.9 is sgd's; set federation.optimizer = 'sgd'"):
         load_config(None, ["federation.momentum=0.9"])
     assert load_config(None, ["federation.optimizer='sgd'", "federation.momentum=0.9"]).federation.momentum == 0.9
+
+
+def test_local_dp_on_a_classifier_takes_the_private_recipe_unless_the_config_sets_it():
+    for method, defaults in DP_DEFAULTS.items():
+        config = load_config(None, [f"method='{method}'", "privacy.dp=true", "privacy.target_epsilon=8"])
+        for key, value in defaults.items():
+            section, leaf = key.split(".")
+            assert getattr(getattr(config, section), leaf) == value, (method, key)
+    mine = load_config(None, ["method='lora'", "privacy.dp=true", "privacy.target_epsilon=8", "federation.lr=0.5",
+                              "federation.local_steps=7"])
+    assert (mine.federation.lr, mine.federation.local_steps) == (0.5, 7)
+    assert mine.privacy.sample_rate == DP_DEFAULTS["lora"]["privacy.sample_rate"]
+    # without DP, with dp_defaults off, and on instruction tasks (no head to probe first): the non-private defaults
+    assert load_config(None, ["method='lora'"]).privacy.sample_rate is None
+    plain = load_config(None, ["method='lora'", "privacy.dp=true", "privacy.target_epsilon=8",
+                               "privacy.dp_defaults=false"])
+    assert (plain.privacy.sample_rate, plain.privacy.max_grad_norm) == (None, 1.0)
+    assert plain.federation.lr == METHOD_DEFAULTS["lora"]["federation.lr"] and plain.federation.local_steps == 20
+    decoder = load_config(None, ["method='lora'", "privacy.dp=true", "privacy.target_epsilon=8",
+                                 "task.kind='instruction'", "task.name='trec'", "model.name='smollm2'"])
+    assert decoder.federation.head_only_rounds == 0
+    assert decoder.federation.lr == METHOD_DEFAULTS["lora"]["federation.lr"]

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from .adapters import METHODS as ADAPTER_METHODS
 from .adapters import AdapterConfig
 from .adapters.peft_methods import per_example_gradients
-from .defaults import METHOD_DEFAULTS
+from .defaults import DP_DEFAULTS, METHOD_DEFAULTS
 from .federated.server_opt import DEFAULTS as SERVER_OPTIMIZERS
 from .federated.server_opt import unused_keys
 
@@ -197,6 +197,9 @@ class PrivacyConfig(Section):
     """Local DP-SGD on every client and secure aggregation (federated/privacy; facts: docs/privacy.md)."""
 
     dp: bool = False
+    # true: under dp, keys the config leaves out take the method's private recipe (defaults.DP_DEFAULTS) before its
+    # non-private defaults; false: only clipping and noise differ from the non-private run
+    dp_defaults: bool = True
     target_epsilon: PositiveFloat | None = None   # the whole run's budget per client (noise calibrated to it)
     noise_multiplier: NonNegativeFloat | None = None  # sigma; with target_epsilon too: fixed sigma, budget enforced
     max_grad_norm: PositiveFloat = 1.0       # per-example clipping norm C (of the adapter, with head_grad_norm)
@@ -272,12 +275,17 @@ class Config(Section):
     @model_validator(mode="before")
     @classmethod
     def _derive(cls, data):
-        """The adapter's method and seed are the experiment's; missing per-method keys take the method's value."""
+        """The adapter's method and seed are the experiment's; missing per-method keys take the method's value
+        (its private recipe's first, under local DP on a classification task)."""
         if not isinstance(data, dict):
             return data
         data = {**data}
         method = data.get("method", "fedtt")
-        for key, value in METHOD_DEFAULTS.get(method, {}).items() if isinstance(method, str) else ():
+        defaults = METHOD_DEFAULTS.get(method, {}) if isinstance(method, str) else {}
+        privacy, kind = _table(data, "privacy"), _table(data, "task").get("kind", "classification")
+        if privacy.get("dp") is True and privacy.get("dp_defaults", True) is True and kind == "classification":
+            defaults = {**defaults, **DP_DEFAULTS.get(method, {})}
+        for key, value in defaults.items():
             section, leaf = key.split(".")
             table = data.get(section, {})
             if isinstance(table, dict) and leaf not in table:
@@ -364,6 +372,12 @@ class Config(Section):
         data = self.to_dict()
         del data["adapter"]["method"], data["adapter"]["seed"]  # derived from method and seed
         return tomli_w.dumps(data)
+
+
+def _table(data: dict, section: str) -> dict:
+    """A raw config's ``section`` table ({} when absent or not a table: the validators name that error)."""
+    table = data.get(section, {})
+    return table if isinstance(table, dict) else {}
 
 
 def tt_core_count(config: Config) -> int | None:
