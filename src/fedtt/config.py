@@ -110,7 +110,8 @@ class FederationConfig(Section):
     # same clients fail on every engine), and the round goes on with the others.
     dropout_rate: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     # The first rounds train the task head alone (linear probing, then fine-tuning: under DP the adapter then
-    # starts from a head that already fits the features, and the head's noise does not distort them)
+    # starts from a head that already fits the features, and the head's noise does not distort them); only the
+    # head's tensors travel in those rounds, both ways
     head_only_rounds: NonNegativeInt = 0
     # The server's step from the round's mean update (federated/server_opt.py; Flower's FedAvgM, FedAdam and FedYogi
     # rules): sgd with server_lr 1 is plain FedAvg. Unset keys take Flower's defaults for the optimiser: server_lr 1

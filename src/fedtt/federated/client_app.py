@@ -34,7 +34,7 @@ from ..privacy.policy import SitePolicy
 from . import protocol
 from .aggregate import mean_squares
 from .codec import pack, unpack
-from .freezing import round_keys
+from .freezing import head_only_round, round_keys
 from .task import (
     CONFIG_KEY,
     DATA_PATH_KEY,
@@ -144,14 +144,14 @@ def train(msg: Message, context: Context) -> Message:
     partition_id = partition_id_of(context.node_config)
     server_round = config["server-round"]
     groups = [protocol.group_of(g) for g in config["groups"]] if "groups" in config else None
-    keys = round_keys(exp.groups, groups)
+    head = exp.model.fedtt_head_keys if head_only_round(cfg, server_round) else ()
+    keys = round_keys(exp.groups, groups, head)
     received = merge_synced(exp, context, config, unpack(parsed["arrays"], parsed["wire"]))
     load_trainable_state_dict(exp.model, {k: torch.from_numpy(np.asarray(v)) for k, v in received.items()},
                               strict=False)
     params = dict(exp.model.named_parameters())
-    head_only = server_round <= cfg.federation.head_only_rounds
-    for name in exp.model.fedtt_trainable:  # FedTT+: the round's frozen groups get no gradient
-        params[name].requires_grad_(name in keys and (not head_only or name in exp.model.fedtt_head_keys))
+    for name in exp.model.fedtt_trainable:  # FedTT+ and head-only rounds: the round's frozen tensors get no gradient
+        params[name].requires_grad_(name in keys)
     start = {k: params[k].detach().to("cpu", torch.float32).clone() for k in keys}
     seed = client_seed(cfg.seed, server_round, partition_id)
     if random.Random(seed ^ DROPOUT_SALT).random() < cfg.federation.dropout_rate:

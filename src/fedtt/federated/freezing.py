@@ -35,11 +35,12 @@ an update, it does not rank groups by their norm under Adam (whose step size har
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 from torch import nn
 
 from ..adapters.placement import is_norm
-from ..config import FreezingConfig
+from ..config import Config, FreezingConfig
 from ..tt import TTLinear
 
 ADAPTER_TT = re.compile(r"\.adapter\.(down|up)\.(core_(\d+)|bias)$")
@@ -68,9 +69,16 @@ def num_cores(model: nn.Module) -> int:
     return counts.pop()
 
 
-def round_keys(groups: dict[str, Group | None], active: list[Group] | None) -> list[str]:
-    """The tensors trained in a round: the head and every tensor of an active group (None: all groups)."""
+def round_keys(groups: dict[str, Group | None], active: list[Group] | None, head_only: Iterable[str] = ()) -> list[str]:
+    """The tensors trained in a round, and so sent both ways: the head and every tensor of an active group (None:
+    all groups); in a head-only round (``federation.head_only_rounds``) the head's tensors, ``head_only``, alone."""
+    if head_only:
+        return [k for k in groups if k in set(head_only)]
     return [k for k, g in groups.items() if active is None or g is None or g in active]
+
+
+def head_only_round(config: Config, server_round: int) -> bool:
+    return server_round <= config.federation.head_only_rounds
 
 
 class FreezingPolicy:

@@ -189,7 +189,7 @@ def main(grid: Grid, context: Context) -> None:
         extras = sorted({g for g in exp.groups.values() if isinstance(g, str)})
         policy = FreezingPolicy(cfg.freezing, num_cores(exp.model), extras)
     shapes = {k: tuple(v.shape) for k, v in exp.initial.items()}
-    strategy = FedTTStrategy(cfg, exp.groups, shapes, policy)
+    strategy = FedTTStrategy(cfg, exp.groups, shapes, policy, exp.model.fedtt_head_keys)
     recorder = RunRecorder(exp, strategy, out_dir, engine=str(context.run_config.get("engine", "inprocess")))
     initial = ArrayRecord({k: Array(v.numpy()) for k, v in exp.initial.items()})
     if context.run_config.get(RESUME_KEY, False):

@@ -28,7 +28,7 @@ from ..privacy.secure_aggregation import SecureRound
 from . import aggregate, protocol
 from .aggregate import Reply
 from .codec import pack, unpack
-from .freezing import FreezingPolicy, Group, round_keys
+from .freezing import FreezingPolicy, Group, head_only_round, round_keys
 from .protocol import ProtocolError
 from .roster import Roster
 from .rounds import RoundStats
@@ -42,10 +42,11 @@ class FedTTStrategy(FedAvg):
     """Example-weighted FedAvg of the clients' updates, with FedTT+ group freezing when ``policy`` is set."""
 
     def __init__(self, config: Config, groups: dict[str, Group | None], shapes: dict[str, tuple[int, ...]],
-                 policy: FreezingPolicy | None = None):
+                 policy: FreezingPolicy | None = None, head: list[str] = ()):
         super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_available_nodes=config.federation.num_clients,
                          min_train_nodes=config.clients_per_round)
         self.config, self.groups, self.shapes, self.policy = config, dict(groups), dict(shapes), policy
+        self.head = list(head)  # the task head's tensors: alone trained and sent in head-only rounds
         self.roster = Roster(config, config.federation.round_timeout)
         self.sync = Sync(list(groups))
         self.rounds: dict[int, RoundStats] = {}  # per-round accounting, read by the ServerApp
@@ -123,8 +124,9 @@ class FedTTStrategy(FedAvg):
 
     def _plan(self, stats: RoundStats, sampled: int) -> set[str]:
         """The round's trained groups (FedTT+), tensors and learning rate."""
-        active = self.policy.trainable(stats.round) if self.policy else None
-        keys = round_keys(self.groups, active)
+        head_only = head_only_round(self.config, stats.round)
+        active = self.policy.trainable(stats.round) if self.policy and not head_only else None
+        keys = round_keys(self.groups, active, self.head if head_only else ())
         stats.sampled, stats.groups, stats.lr = sampled, active, learning_rate(self.config, stats.round)
         stats.expected = {k: self.shapes[k] for k in keys}
         return set(keys)
