@@ -66,7 +66,8 @@ done
 # The private recipe (issue 28): each method's DP defaults (src/fedtt/defaults.py, DP_DEFAULTS: Poisson rate 0.1
 # in chunks of 64, 5 steps a round, round 1 head only, the head and the adapter clipped each to its own norm, the
 # rate and adapter clip chosen on validation at epsilon 8, seed 0), over 15 rounds; demo.toml's non-private step
-# count and batch are replaced by the recipe's. About 40 min a run on one core.
+# count and batch are replaced by the recipe's. About 40 min a run on one core. Its runs ran at f612425, before
+# head-only rounds sent the head alone: rerun, round 1 costs the head's bytes only.
 DP_RECIPE="compare --no-tune --config configs/demo.toml --quick --set federation.rounds=15 --seeds 0,1,2 --methods fedtt,lora --set privacy.dp=true --set federation.local_steps=5 --set federation.batch_size=64"
 for eps in 8; do
   TITLE[dp-recipe-eps$eps]="Local DP-SGD with the DP defaults, epsilon = $eps per client for the whole run (delta 1e-5; Rotten Tomatoes, Dirichlet 0.5, 15 rounds)"
