@@ -37,7 +37,7 @@ from fedtt.engines.sites import write_site_files
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.toml"
 TINY = ["model.num_hidden_layers=2", "model.max_length=32", "federation.local_steps=2", "federation.rounds=2",
-        "task.max_eval_examples=100", "federation.num_clients=3"]
+        "task.max_eval_examples=100", "federation.num_clients=3", "privacy.dp_defaults=false"]
 NODES = 3
 THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
 
