@@ -73,7 +73,8 @@ def round_keys(groups: dict[str, Group | None], active: list[Group] | None, head
     """The tensors trained in a round, and so sent both ways: the head and every tensor of an active group (None:
     all groups); in a head-only round (``federation.head_only_rounds``) the head's tensors, ``head_only``, alone."""
     if head_only:
-        return [k for k in groups if k in set(head_only)]
+        head = set(head_only)
+        return [k for k in groups if k in head]
     return [k for k, g in groups.items() if active is None or g is None or g in active]
 
 
