@@ -209,6 +209,21 @@ def test_clipping_without_noise_trains_and_states_an_infinite_epsilon(tmp_path):
     assert "epsilon inf" in (tmp_path / "results.md").read_text()
 
 
+def test_a_federation_under_the_dp_defaults_probes_the_head_first_and_stays_within_its_budget(tmp_path):
+    """privacy.dp with the DP defaults (only the Poisson rate made small for speed): round 1 trains and sends the head
+    alone, round 2 the whole adapter, and every client's epsilon for the run stays within the target."""
+    cfg = config("privacy.dp=true", "privacy.dp_defaults=true", "privacy.sample_rate=0.01", "federation.rounds=2",
+                 "privacy.target_epsilon=8")
+    assert (cfg.privacy.head_grad_norm, cfg.privacy.max_grad_norm, cfg.federation.head_only_rounds) == (1.0, 0.01, 1)
+    results = run(cfg, tmp_path)
+    model = fedtt.inject(load_backbone("minilm", num_labels=2)[0], cfg.adapter)
+    head = sum(p.numel() for n, p in model.named_parameters() if n in model.fedtt_head_keys)
+    first, second = results["rounds"]
+    assert first["params_up"] == 3 * head and second["params_up"] == 3 * results["trainable_params"]
+    assert results["status"] == "finished" and 0 < results["privacy"]["epsilon_max"] <= 8.0
+    assert first["epsilon_max"] < second["epsilon_max"]
+
+
 def test_the_head_takes_its_own_rate_and_the_adapter_is_trained_as_without_it():
     exp = experiment(run_config_for(config("federation.local_steps=1", "federation.lr=1e-3"), "/unused"))
     initial = {n: p.detach().clone() for n, p in exp.model.named_parameters() if p.requires_grad}
