@@ -353,7 +353,7 @@ def test_hostile_fedtt_plus_handshake_replies_drop_the_node_or_resync_it(metrics
                        reply_to=msg)
 
     grid, stats = InProcessGrid(app, NODES), RoundStats(1)
-    roster, sync = Roster(CONFIG, 1.0), Sync(list(SHAPES))
+    roster, sync = Roster(CONFIG, 1.0), Sync(list(SHAPES), keeps_state=True)
     nodes = roster.sample(grid, stats)
     sync.handshake(grid, roster, nodes, {"layer.core_0"}, stats)  # a partial round: only core 0 trains
     target = NODE_ID_OFFSET
@@ -362,3 +362,20 @@ def test_hostile_fedtt_plus_handshake_replies_drop_the_node_or_resync_it(metrics
     else:
         assert [d["node"] for d in stats.dropped] == [target] and stats.dropped[0]["stage"] == "query.synced"
     assert all(sync.payload(n, {"layer.core_0"}) == ["layer.core_0"] for n in nodes if n != target)
+
+
+def test_nodes_that_keep_no_state_are_never_asked_and_get_every_tensor_changed_since_init():
+    """Head-only rounds of a method other than FedTT+ send partial payloads to nodes that keep no synced state: no
+    node is asked which state it holds (a handshake would warn each round that every node had restarted), and each
+    payload carries the round's tensors plus every tensor a round has changed."""
+    from fedtt.federated.sync import Sync
+
+    sync, node, head = Sync(list(SHAPES), keeps_state=False), NODE_ID_OFFSET, {"head.weight"}
+    for _ in range(3):  # head-only rounds
+        sync.handshake(None, None, [node], head, None)  # asking would need the grid and the roster
+        assert sync.payload(node, head) == ["head.weight"]
+        sync.sent(node)
+        sync.received(node)
+        sync.applied(["head.weight"])
+    sync.applied(["layer.core_1"])  # a round that trained the adapter: a later head-only payload must carry it
+    assert sync.payload(node, head) == ["layer.core_1", "head.weight"]

@@ -34,7 +34,7 @@ from ..privacy.policy import SitePolicy
 from . import protocol
 from .aggregate import mean_squares
 from .codec import pack, unpack
-from .freezing import head_only_round, round_keys
+from .freezing import head_only_round, nodes_keep_state, round_keys
 from .task import (
     CONFIG_KEY,
     DATA_PATH_KEY,
@@ -119,7 +119,7 @@ def merge_synced(exp: Experiment, context: Context, config: dict,
 
     A partial payload must build on the state this node holds; if it does not (the node lost its state), applying
     it would train against stale frozen cores, so it is refused."""
-    if exp.config.method != "fedtt+":
+    if not nodes_keep_state(exp.config):
         return received
     holds, base = synced_round(context), int(config["base-round"])
     if not config["full"] and holds != base:

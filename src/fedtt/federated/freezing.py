@@ -82,6 +82,12 @@ def head_only_round(config: Config, server_round: int) -> bool:
     return server_round <= config.federation.head_only_rounds
 
 
+def nodes_keep_state(config: Config) -> bool:
+    """Whether a node merges partial payloads into a global state it keeps (``client_app.merge_synced``, and
+    ``sync.Sync`` on the server): under FedTT+ only, whose frozen groups change between a node's rounds."""
+    return config.method == "fedtt+"
+
+
 class FreezingPolicy:
     def __init__(self, config: FreezingConfig, num_cores: int, extras: list[str]):
         """``extras``: the non-core groups the model trains ("bias", "norm"); scheduled only if configured."""

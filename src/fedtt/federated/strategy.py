@@ -28,7 +28,7 @@ from ..privacy.secure_aggregation import SecureRound
 from . import aggregate, protocol
 from .aggregate import Reply
 from .codec import pack, unpack
-from .freezing import FreezingPolicy, Group, head_only_round, round_keys
+from .freezing import FreezingPolicy, Group, head_only_round, nodes_keep_state, round_keys
 from .protocol import ProtocolError
 from .roster import Roster
 from .rounds import RoundStats
@@ -48,7 +48,7 @@ class FedTTStrategy(FedAvg):
         self.config, self.groups, self.shapes, self.policy = config, dict(groups), dict(shapes), policy
         self.head = list(head)  # the task head's tensors: alone trained and sent in head-only rounds
         self.roster = Roster(config, config.federation.round_timeout)
-        self.sync = Sync(list(groups))
+        self.sync = Sync(list(groups), nodes_keep_state(config))
         self.rounds: dict[int, RoundStats] = {}  # per-round accounting, read by the ServerApp
         self.dp_steps: dict[int, int] = {}        # partition -> DP-SGD steps it reported (sent back on resume)
         self.global_arrays: ArrayRecord | None = None

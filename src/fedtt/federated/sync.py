@@ -5,6 +5,10 @@ A tensor's version is the aggregated round that last changed it (0: the seeded i
 holds the global state as of some aggregated round; before a partial payload the server asks it which (the
 ``synced`` query): a node that restarted holds the seeded init again and is sent what changed since; one that
 holds a state this server never sent (e.g. after a resume from an earlier checkpoint) is sent everything.
+
+Only FedTT+ nodes keep that state. Under every other method a node loads each payload over its own model, so the
+server treats it as holding the seeded init and sends every tensor changed since: a partial payload (a head-only
+round) then leaves out only tensors no round has changed, and no node is asked.
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ logger = logging.getLogger("fedtt")
 
 
 class Sync:
-    def __init__(self, trainable: list[str]):
+    def __init__(self, trainable: list[str], keeps_state: bool):
         self.trainable = trainable
+        self.keeps_state = keeps_state
         self.version = {k: 0 for k in trainable}
         self.aggregated = 0                   # rounds whose update was applied
         self.held: dict[int, int] = {}        # node -> the aggregated round whose global state it holds
@@ -32,6 +37,8 @@ class Sync:
     def handshake(self, grid: Grid, roster: Roster, nodes: list[int], keys: set[str], stats: RoundStats) -> None:
         """Ask the nodes about to get a partial payload which global state they hold."""
         self.resync = set()
+        if not self.keeps_state:
+            return
         partial = [n for n in nodes if len(self.payload(n, keys)) < len(self.trainable)]
         replies = roster.exchange(grid, [protocol.query(n, "synced") for n in partial], protocol.SYNCED_REPLY, stats)
         for node, parsed in replies.items():
@@ -54,7 +61,8 @@ class Sync:
 
     def received(self, node: int) -> None:
         """The node answered the train message, so it got the payload."""
-        self.held[node] = self.sending.get(node, 0)
+        if self.keeps_state:
+            self.held[node] = self.sending.get(node, 0)
 
     def applied(self, names) -> None:
         self.aggregated += 1
