@@ -68,11 +68,25 @@ done
 # rate and adapter clip chosen on validation at epsilon 8, seed 0), over 15 rounds; demo.toml's non-private step
 # count and batch are replaced by the recipe's. About 40 min a run on one core. Its runs ran at f612425, before
 # head-only rounds sent the head alone: rerun, round 1 costs the head's bytes only.
-DP_RECIPE="compare --no-tune --config configs/demo.toml --quick --set federation.rounds=15 --seeds 0,1,2 --methods fedtt,lora --set privacy.dp=true --set federation.local_steps=5 --set federation.batch_size=64"
+DP_RECIPE="compare --no-tune --config configs/demo.toml --quick --set federation.rounds=15 --set privacy.dp=true --set federation.local_steps=5 --set federation.batch_size=64"
 for eps in 8; do
   TITLE[dp-recipe-eps$eps]="Local DP-SGD with the DP defaults, epsilon = $eps per client for the whole run (delta 1e-5; Rotten Tomatoes, Dirichlet 0.5, 15 rounds)"
-  ARGS[dp-recipe-eps$eps]="$DP_RECIPE --set privacy.target_epsilon=$eps"
+  ARGS[dp-recipe-eps$eps]="$DP_RECIPE --seeds 0,1,2 --methods fedtt,lora --set privacy.target_epsilon=$eps"
 done
+# Reference rows and the rate on a second seed (run at 9059136, after head-only rounds sent the head alone). The
+# head alone: every round head-only, so the adapter stays the backbone (the same model under FedTT or LoRA) and only
+# the private linear probe learns, at the DP defaults' head rate (1e-2) and clip, and at 3e-2. FedTT at lr 1e-2 on
+# seed 1: the rate chosen on seed 0 (3e-2) learned nothing there and 1e-2 was second on seed 0. FedTT with the head
+# at 3e-2 on seed 1: whether the head's rate is what keeps that seed at the majority class.
+DP_HEAD="$DP_RECIPE --methods fedtt --set federation.head_only_rounds=15 --set privacy.target_epsilon=8"
+TITLE[dp-recipe-eps8-head]="Reference: the head alone under the DP defaults (every round head-only, head lr 1e-2), epsilon = 8 (delta 1e-5; Rotten Tomatoes, Dirichlet 0.5, 15 rounds)"
+ARGS[dp-recipe-eps8-head]="$DP_HEAD --seeds 0,1,2"
+TITLE[dp-recipe-eps8-head-lr3e-2]="The head alone under the DP defaults with head lr 3e-2, seed 1, epsilon = 8 (Rotten Tomatoes, Dirichlet 0.5, 15 rounds)"
+ARGS[dp-recipe-eps8-head-lr3e-2]="$DP_HEAD --seeds 1 --set federation.head_lr=3e-2"
+TITLE[dp-recipe-eps8-fedtt-lr1e-2]="FedTT under the DP defaults at lr 1e-2 instead of 3e-2, seed 1, epsilon = 8 (validation for the rate; Rotten Tomatoes, Dirichlet 0.5, 15 rounds)"
+ARGS[dp-recipe-eps8-fedtt-lr1e-2]="$DP_RECIPE --seeds 1 --methods fedtt --set federation.lr=1e-2 --set privacy.target_epsilon=8"
+TITLE[dp-recipe-eps8-fedtt-head3e-2]="FedTT under the DP defaults with head lr 3e-2, seed 1, epsilon = 8 (Rotten Tomatoes, Dirichlet 0.5, 15 rounds)"
+ARGS[dp-recipe-eps8-fedtt-head3e-2]="$DP_RECIPE --seeds 1 --methods fedtt --set federation.head_lr=3e-2 --set privacy.target_epsilon=8"
 for dtype in float16 bfloat16; do
   TITLE[wire-$dtype]="Half precision on the wire: federation.wire_dtype = $dtype, both directions (Rotten Tomatoes, Dirichlet 0.5)"
   ARGS[wire-$dtype]="compare --no-tune --config configs/demo.toml --quick --seeds 0 --methods fedtt --set federation.wire_dtype=$dtype"
@@ -122,7 +136,7 @@ for eps in 8 3; do
   ARGS[xdev-1000-cdp$eps]="compare $XDEV --seeds 0,1,2 --tuned $OUT/xdev-tune $CDP --set privacy.client_dp_epsilon=$eps"
 done
 ORDER=(tune-default tune-default-lora tune-fedtt tune-lora rt-dir0.5 rt-dir0.1 rt-iid rt-skew trec-dir0.5 rt-xdev rt-dir0.5-long rt-dir0.1-long
-       trec-dir0.5-long init norms optimizer head wire-float16 wire-bfloat16 tune-dp dp-eps8 dp-eps3 dp-eps1 dp-recipe-eps8 smollm2-trec
+       trec-dir0.5-long init norms optimizer head wire-float16 wire-bfloat16 tune-dp dp-eps8 dp-eps3 dp-eps1 dp-recipe-eps8 dp-recipe-eps8-head dp-recipe-eps8-head-lr3e-2 dp-recipe-eps8-fedtt-lr1e-2 dp-recipe-eps8-fedtt-head3e-2 smollm2-trec
        smollm2-sms frontier-rt-dir0.5-tuning frontier-rt-dir0.5-long xdev-tune xdev-1000 xdev-1000-cdp8 xdev-1000-cdp3)
 if [[ "${1:-}" == --doc-only ]]; then sections=(); else sections=("${@:-${ORDER[@]}}"); fi
 mkdir -p "$OUT"
