@@ -20,6 +20,16 @@ FAST = ["model.num_hidden_layers=2", "model.max_length=32", "task.max_eval_examp
         "federation.local_steps=2", "federation.partition='iid'", "privacy.dp_defaults=false"]
 
 
+def head_values(adapter) -> int:
+    """How many values the task head of MiniLM with ``adapter`` (an AdapterConfig) has: what a head-only round sends
+    each way per client."""
+    import fedtt
+    from fedtt.models import load_backbone
+
+    model = fedtt.inject(load_backbone("minilm", num_labels=2)[0], adapter)
+    return sum(p.numel() for n, p in model.named_parameters() if n in model.fedtt_head_keys)
+
+
 def client_app_with(train) -> ClientApp:
     """The real ClientApp with its ``train`` handler replaced by ``train`` (which may call the real one): a
     client that fails, drops or lies in training, and answers every query stage as the real one does."""

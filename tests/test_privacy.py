@@ -216,8 +216,7 @@ def test_a_federation_under_the_dp_defaults_probes_the_head_first_and_stays_with
                  "privacy.target_epsilon=8")
     assert (cfg.privacy.head_grad_norm, cfg.privacy.max_grad_norm, cfg.federation.head_only_rounds) == (1.0, 0.01, 1)
     results = run(cfg, tmp_path)
-    model = fedtt.inject(load_backbone("minilm", num_labels=2)[0], cfg.adapter)
-    head = sum(p.numel() for n, p in model.named_parameters() if n in model.fedtt_head_keys)
+    head = conftest.head_values(cfg.adapter)
     first, second = results["rounds"]
     assert first["params_up"] == 3 * head and second["params_up"] == 3 * results["trainable_params"]
     assert results["status"] == "finished" and 0 < results["privacy"]["epsilon_max"] <= 8.0
