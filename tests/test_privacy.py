@@ -403,3 +403,31 @@ def test_per_group_clipping_bounds_and_noises_the_head_and_the_adapter_each_on_i
     for e in expected:
         for names, bound in ((head, 0.1), (adapter, 0.001)):
             assert torch.sqrt(sum((e[n] ** 2).sum() for n in names)) <= bound * (1 + 1e-5)
+
+
+def test_a_head_only_round_noises_the_head_for_its_own_clip_alone(exp, no_dropout):
+    """With only the head training (federation.head_only_rounds) there is one group: its noise is sigma * C_head,
+    not the sqrt(2) more that an adapter group with nothing to train would cost."""
+    model, rows = exp.model, exp.partitions[0][:6]
+    dp = dp_for(exp, max_grad_norm=0.001, head_grad_norm=0.1)
+    params = dict(model.named_parameters())
+    head = [n for n in model.fedtt_head_keys if params[n].requires_grad]
+    adapter = [n for n, p in params.items() if p.requires_grad and n not in head]
+    for n in adapter:
+        params[n].requires_grad_(False)
+    try:
+        inputs, targets = batch(exp.train, rows, exp.device)
+        model.train()
+        with dp.attached(model, torch.optim.AdamW([params[n] for n in head], lr=1e-3)) as dp_optimizer:
+            losses("classification", model, inputs, targets).mean().backward()
+            dp_optimizer.clip_and_accumulate()
+            dp_optimizer.noise_multiplier = 3.0
+            dp_optimizer.add_noise()
+            noise = torch.cat([(params[n].grad - params[n].summed_grad).reshape(-1) for n in head])
+            assert noise.std().item() == pytest.approx(3.0 * 0.1, rel=0.1)
+    finally:
+        model.eval()
+        for n in adapter:
+            params[n].requires_grad_(True)
+        for p in model.parameters():
+            p.grad = None

@@ -208,7 +208,7 @@ class PrivacyConfig(Section):
     # None: federation.batch_size / n
     sample_rate: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
     # set: the task head is clipped on its own to this norm and the adapter to max_grad_norm, each noised for its
-    # own clip (sigma * sqrt(2) * C_g: the same epsilon); None: one norm for every trained tensor together
+    # own clip (sigma * sqrt(2) * C_g; in a head-only round sigma * C_head); None: one norm for every trained tensor
     head_grad_norm: PositiveFloat | None = None
     delta: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None  # None: min(1e-5, 1 / (10 n)) for the largest n
     accountant: Literal["rdp", "prv"] = "rdp"

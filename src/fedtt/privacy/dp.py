@@ -150,12 +150,16 @@ class LocalDP:
         from opacus.grad_sample import GradSampleModule
 
         head = {id(p) for n, p in model.named_parameters() if n in getattr(model, "fedtt_head_keys", ())}
+        trained = [p for group in optimizer.param_groups for p in group["params"]]
+        # the groups that train this round: a head-only round has one, so its head gets noise for its clip alone
+        present = sorted({int(id(p) in head) for p in trained}) if self.privacy.head_grad_norm else [0]
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
             wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=True)
             try:
                 yield _group_clipped_optimizer()(
-                    optimizer, self.group_norms, lambda p: int(id(p) in head) if self.privacy.head_grad_norm else 0,
+                    optimizer, [self.group_norms[g] for g in present],
+                    lambda p: present.index(int(id(p) in head)) if self.privacy.head_grad_norm else 0,
                     noise_multiplier=self.sigma, expected_batch_size=self.batch_size, loss_reduction="mean",
                     generator=self.noise)
             finally:
@@ -189,8 +193,8 @@ class LocalDP:
 @lru_cache(maxsize=1)
 def _group_clipped_optimizer():
     """Opacus' DPOptimizer with each example's gradient clipped per group of tensors (group g to its own norm C_g)
-    and each group noised for its own clip: std sigma * sqrt(k) * C_g with k groups. Whitened (group g divided by
-    sigma sqrt(k) C_g), this releases the sum with unit noise and a sensitivity of sqrt(k / (k sigma^2)) = 1 /
+    and each group noised for its own clip: std sigma * sqrt(k) * C_g with k groups (those that train). Whitened
+    (group g divided by sigma sqrt(k) C_g), this releases the sum with unit noise and a sensitivity of sqrt(k / (k sigma^2)) = 1 /
     sigma: the Gaussian mechanism of multiplier sigma, so the accountant's epsilon is unchanged. A small-gradient
     group (the adapter) thus gets noise on its own scale, not the head's (which one joint clip, or Opacus'
     per-layer clipping with its one noise std, would give it). With one group this is Opacus' flat clipping."""
