@@ -194,8 +194,9 @@ class LocalDP:
 def _group_clipped_optimizer():
     """Opacus' DPOptimizer with each example's gradient clipped per group of tensors (group g to its own norm C_g)
     and each group noised for its own clip: std sigma * sqrt(k) * C_g with k groups (those that train). Whitened
-    (group g divided by sigma sqrt(k) C_g), this releases the sum with unit noise and a sensitivity of sqrt(k / (k sigma^2)) = 1 /
-    sigma: the Gaussian mechanism of multiplier sigma, so the accountant's epsilon is unchanged. A small-gradient
+    (group g divided by sigma sqrt(k) C_g), this releases the sum with unit noise and a sensitivity of
+    sqrt(k / (k sigma^2)) = 1 / sigma: the Gaussian mechanism of multiplier sigma, so the accountant's epsilon is
+    unchanged. A small-gradient
     group (the adapter) thus gets noise on its own scale, not the head's (which one joint clip, or Opacus'
     per-layer clipping with its one noise std, would give it). With one group this is Opacus' flat clipping."""
     from opacus.optimizers import DPOptimizer
