@@ -196,9 +196,9 @@ def _group_clipped_optimizer():
     and each group noised for its own clip: std sigma * sqrt(k) * C_g with k groups (those that train). Whitened
     (group g divided by sigma sqrt(k) C_g), this releases the sum with unit noise and a sensitivity of
     sqrt(k / (k sigma^2)) = 1 / sigma: the Gaussian mechanism of multiplier sigma, so the accountant's epsilon is
-    unchanged. A small-gradient
-    group (the adapter) thus gets noise on its own scale, not the head's (which one joint clip, or Opacus'
-    per-layer clipping with its one noise std, would give it). With one group this is Opacus' flat clipping."""
+    unchanged. A small-gradient group (the adapter) thus gets noise on its own scale, not the head's (which one
+    joint clip, or Opacus' per-layer clipping with its one noise std, would give it). With one group this is
+    Opacus' flat clipping."""
     from opacus.optimizers import DPOptimizer
     from opacus.optimizers.optimizer import _check_processed_flag, _generate_noise, _mark_as_processed
 
