@@ -6,8 +6,8 @@
 A head-only DP run (``federation.head_only_rounds`` = rounds) trains nothing but the classifier on the pooled
 features of a frozen encoder, so those features can be computed once and the federation replayed on them in
 seconds instead of 20 minutes a run. Each client's rounds use fedtt's own DP-SGD (``privacy.dp.LocalDP``: its
-Poisson batches, Opacus' clipping and noise, the calibrated multiplier), the clients' optimizer as
-``learning.train_local`` builds it and the server's step from ``federated.server_opt``, on each seed's real
+Poisson batches, Opacus' clipping and noise, the calibrated multiplier), the clients' optimizer
+(``learning.train.client_optimizer``) and the server's step from ``federated.server_opt``, on each seed's real
 split. It leaves out dropout and the encoder's (unused) gradients, so it ranks settings; the real runs decide
 (``bench/results.sh dp-recipe-eps8-head*``). It prints the best and last validation accuracy per seed for each
 setting; test labels are not read.
@@ -20,10 +20,12 @@ import argparse
 import numpy as np
 import torch
 
+from fedtt.adapters.placement import is_head
 from fedtt.config import load_config
 from fedtt.federated.server_opt import ServerOptimizer
 from fedtt.federated.task import experiment, run_config_for
 from fedtt.learning.batches import batch
+from fedtt.learning.train import client_optimizer
 from fedtt.privacy.dp import LocalDP
 
 
@@ -54,10 +56,7 @@ def replay(cfg, head: torch.nn.Linear, train, validation, partitions, noise_seed
             head.load_state_dict(start)
             dp = LocalDP(privacy, fed, len(rows), fed.rounds, records[c], torch.device("cpu"),
                          seed=noise_seed * 1000 + c * 100 + len(accuracies))
-            optimizer = (torch.optim.AdamW(head.parameters(), lr=fed.lr, weight_decay=fed.weight_decay)
-                         if fed.optimizer == "adamw" else
-                         torch.optim.SGD(head.parameters(), lr=fed.lr, momentum=fed.momentum))
-            with dp.attached(head, optimizer) as step_optimizer:
+            with dp.attached(head, client_optimizer(head.parameters(), fed, fed.lr)) as step_optimizer:
                 for indices in dp.batches(len(rows)):
                     if not indices:
                         dp.noise_only(step_optimizer)
@@ -95,7 +94,7 @@ def main() -> None:
         exp.model.eval()
         train, validation = features(exp, exp.train), features(exp, exp.validation)
         majority = max(validation[1].float().mean().item(), 1 - validation[1].float().mean().item())
-        classifier = next(m for n, m in exp.model.named_modules() if n in ("classifier", "score"))
+        classifier = next(m for n, m in exp.model.named_modules() if is_head(n))
         print(f"seed {seed}: validation majority rate {majority:.3f}; clients {[len(p) for p in exp.partitions]}")
         for setting in settings:
             given = dict(item.split("=") for item in setting.split(","))

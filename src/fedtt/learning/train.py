@@ -37,6 +37,13 @@ def local_batches(num_examples: int, *, steps: int, epochs: int, batch_size: int
     return batches
 
 
+def client_optimizer(params, federation, lr: float) -> torch.optim.Optimizer:
+    """The clients' optimizer (``federation.optimizer``), fresh each round."""
+    if federation.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=federation.weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=federation.momentum, weight_decay=federation.weight_decay)
+
+
 def train_local(model: torch.nn.Module, data: Encoded, rows: np.ndarray, *, kind: str, federation,
                 device: torch.device, lr: float, seed: int, dp=None, desc: str = "") -> float:
     """Train the model's currently trainable tensors on ``rows`` of ``data`` with a fresh optimizer; mean loss.
@@ -52,10 +59,8 @@ def train_local(model: torch.nn.Module, data: Encoded, rows: np.ndarray, *, kind
             (head if name in head_keys else rest).append(p)
     trainable = rest + head
     head_lr = lr * federation.head_lr / federation.lr if federation.head_lr else lr  # the round's schedule too
-    groups = [g for g in ({"params": rest}, {"params": head, "lr": head_lr}) if g["params"]]
-    optimizer = (torch.optim.AdamW(groups, lr=lr, weight_decay=federation.weight_decay)
-                 if federation.optimizer == "adamw" else
-                 torch.optim.SGD(groups, lr=lr, momentum=federation.momentum, weight_decay=federation.weight_decay))
+    optimizer = client_optimizer([g for g in ({"params": rest}, {"params": head, "lr": head_lr}) if g["params"]],
+                                 federation, lr)
     if dp is None:
         batches = local_batches(len(rows), steps=federation.local_steps, epochs=federation.local_epochs,
                                 batch_size=federation.batch_size, generator=torch.Generator().manual_seed(seed))
